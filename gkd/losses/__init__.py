@@ -1,0 +1,15 @@
+"""Token-level divergences for GKD, f-DISTILL, DistiLLM, AKL and ATKD.
+
+`per_token(name, student_logits, teacher_logits, *, temperature=1.0, **params)`
+-> float32 `[batch, length]`; `reduce(values, mask, mode)` -> scalar;
+`Divergence` is the Gin-configurable bundle of both.
+"""
+
+from gkd.losses.api import Divergence, NAMES, REDUCTIONS, check_params, per_token, reduce
+from gkd.losses.divergences import (akl, atkd_parts, forward_kl, jsd, reverse_kl, skew_kl,
+                                    skew_reverse_kl, tvd)
+
+__all__ = [
+    "Divergence", "NAMES", "REDUCTIONS", "check_params", "per_token", "reduce", "akl",
+    "atkd_parts", "forward_kl", "jsd", "reverse_kl", "skew_kl", "skew_reverse_kl", "tvd",
+]

@@ -1,0 +1,232 @@
+"""The public divergence API: `per_token`, `reduce`, and the Gin `Divergence`.
+
+    values = per_token("jsd", student_logits, teacher_logits, beta=0.9)  # [B, T]
+    loss = reduce(values, mask)                                           # scalar
+
+Logits `[batch, length, vocab]` (any float dtype) are divided by the
+temperature and turned into float32 log-probabilities; the teacher's are
+under stop-gradient. `chunk_size` selects the memory-bounded path
+(`chunked.py`), `teacher_top_k` the sparse-teacher variant (`topk.py`).
+"""
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import gin
+import jax
+import jax.numpy as jnp
+
+from gkd.errors import UserError
+from gkd.losses import divergences
+from gkd.losses.chunked import chunked_map
+from gkd.losses.topk import collapse_to_top_k
+
+Array = jax.Array
+
+NAMES = tuple(divergences.PARAMS)
+REDUCTIONS = ("sequence", "token")
+
+
+def check_params(name: str, params: dict[str, Any]) -> dict[str, float]:
+  """Validates a divergence name and its parameters; fills in defaults.
+
+  Raises:
+    UserError: unknown name or parameter, or a value outside its range.
+  """
+  if name not in divergences.PARAMS:
+    raise UserError(f"unknown divergence {name!r}; choose one of {', '.join(NAMES)}")
+  spec = divergences.PARAMS[name]
+  unknown = sorted(set(params) - set(spec))
+  if unknown:
+    allowed = ", ".join(spec) or "none"
+    raise UserError(f"divergence {name!r} takes no parameter {unknown[0]!r}; "
+                    f"its parameters: {allowed}")
+  checked = {}
+  for key, (default, low, high) in spec.items():
+    value = params.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        low <= value <= high):
+      raise UserError(f"{name}: {key}={value!r} is out of range; "
+                      f"it must be a number in [{low}, {high}]")
+    checked[key] = float(value)
+  return checked
+
+
+def check_temperature(temperature: Any) -> float:
+  if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+      math.isfinite(temperature) and temperature > 0):
+    raise UserError(f"temperature={temperature!r} is invalid; it must be a finite number > 0")
+  return float(temperature)
+
+
+def _check_shapes(student: Array, teacher: Array) -> None:
+  if student.ndim < 2:
+    raise UserError(f"logits must have shape [..., vocab]; got {student.shape}")
+  if student.shape[-1] != teacher.shape[-1]:
+    raise UserError(
+        f"teacher and student vocabularies differ: student logits have "
+        f"{student.shape[-1]} entries, teacher {teacher.shape[-1]}; distil between "
+        f"models that share one tokenizer and vocabulary size")
+  if student.shape != teacher.shape:
+    raise UserError(f"student logits {student.shape} and teacher logits "
+                    f"{teacher.shape} must have the same shape [batch, length, vocab]")
+
+
+def _log_probs(logits: Array, temperature: float) -> Array:
+  return jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+
+
+def _token_fn(name: str, params: dict[str, float], temperature: float, top_k: Optional[int]):
+  """Row-wise function (student logits, teacher logits[, targets]) -> values."""
+  if name == "atkd":
+    def atkd_fn(s, t, targets):
+      return divergences.atkd_parts(_log_probs(s, temperature), _log_probs(t, temperature),
+                                    targets)
+    return atkd_fn
+  fn = divergences.DIVERGENCES[name]
+
+  def token_fn(s, t):
+    lq, lp = _log_probs(s, temperature), _log_probs(t, temperature)
+    if top_k is not None:
+      lq, lp = collapse_to_top_k(lq, lp, top_k)
+    return fn(lq, lp, **params)
+  return token_fn
+
+
+def _atkd_combine(parts, mask: Array, alpha: float, hard_fraction: float) -> Array:
+  """ATKD's per-token values whose valid-token mean is α·L_easy + (1−α)·L_hard.
+
+  Hard tokens have teacher uncertainty 1 − p(g) at or above the batch's
+  (1 − hard_fraction) quantile over valid tokens (the median for 50%). As in
+  the official code the (1 − p(g)) factor on the diversity term is dropped.
+  """
+  tkd, dkd, unc = parts
+  valid = mask > 0
+  unc = jax.lax.stop_gradient(unc)
+  cut = jnp.nanquantile(jnp.where(valid, unc, jnp.nan), 1.0 - hard_fraction)
+  hard = valid & (unc >= cut)
+  easy = valid & ~hard
+  n = jnp.sum(valid)
+  scale_hard = n / jnp.maximum(jnp.sum(hard), 1)
+  scale_easy = n / jnp.maximum(jnp.sum(easy), 1)
+  values = jnp.where(hard, (1.0 - alpha) * scale_hard * (tkd + dkd),
+                     alpha * scale_easy * dkd)
+  return jnp.where(valid, values, 0.0)
+
+
+def per_token(name: str, student_logits: Array, teacher_logits: Array, *,
+              temperature: float = 1.0, targets: Optional[Array] = None,
+              mask: Optional[Array] = None, chunk_size: Optional[int] = None,
+              teacher_top_k: Optional[int] = None, **params: float) -> Array:
+  """Per-token divergence D(teacher ‖ student) at every position.
+
+  Args:
+    name: one of `NAMES` (see `divergences.py` for formulas and sources).
+    student_logits, teacher_logits: `[batch, length, vocab]` (or `[..., vocab]`).
+    temperature: both logits are divided by it before the softmax (no T²).
+    targets: int `[batch, length]` next tokens; required by `atkd` only.
+    mask: `[batch, length]` valid-token weights; `atkd` uses it to split
+      hard/easy tokens over the batch (default: all valid).
+    chunk_size: if set, process `chunk_size` tokens at a time (same values and
+      gradients, bounded memory).
+    teacher_top_k: if set, keep only the teacher's top-k log-probs plus one
+      tail bucket holding the rest of the mass (the student is collapsed onto
+      the same k + 1 buckets).
+    **params: the divergence's parameters (`beta` for jsd; `alpha` for
+      skew_kl, skew_reverse_kl and atkd; `mu` for akl; `hard_fraction` for atkd).
+  Returns:
+    float32 `[batch, length]`.
+  Raises:
+    UserError: bad name, parameter, temperature, shapes or options.
+  """
+  checked = check_params(name, params)
+  temperature = check_temperature(temperature)
+  _check_shapes(student_logits, teacher_logits)
+  lead, vocab = student_logits.shape[:-1], student_logits.shape[-1]
+  if teacher_top_k is not None and not (isinstance(teacher_top_k, int)
+                                        and 0 < teacher_top_k < vocab):
+    raise UserError(f"teacher_top_k={teacher_top_k!r} must be an integer in [1, {vocab - 1}]")
+  if name == "atkd":
+    if targets is None or tuple(targets.shape) != tuple(lead):
+      raise UserError(f"atkd needs targets of shape {tuple(lead)} (the next tokens)")
+    if teacher_top_k is not None:
+      raise UserError("atkd needs the full teacher distribution; unset teacher_top_k")
+  if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
+    raise UserError(f"chunk_size={chunk_size!r} must be a positive integer")
+
+  fn = _token_fn(name, {k: v for k, v in checked.items()}, temperature, teacher_top_k)
+  student = student_logits.reshape(-1, vocab)
+  constants = [jax.lax.stop_gradient(teacher_logits).reshape(-1, vocab)]
+  if name == "atkd":
+    constants.append(targets.reshape(-1).astype(jnp.int32))
+  if chunk_size is None:
+    out = fn(student, *constants)
+  else:
+    out = chunked_map(fn, student, tuple(constants), chunk_size)
+  if name == "atkd":
+    valid = jnp.ones(lead, jnp.float32) if mask is None else mask
+    out = _atkd_combine([o.reshape(lead) for o in out], valid,
+                        checked["alpha"], checked["hard_fraction"])
+  else:
+    out = out.reshape(lead)
+  # Divergences are ≥ 0; float rounding near p = q can dip below by ~1e-7.
+  return jnp.maximum(out.astype(jnp.float32), 0.0)
+
+
+def reduce(values: Array, mask: Array, mode: str = "sequence") -> Array:
+  """Reduces `[batch, length]` per-token values over valid tokens to a scalar.
+
+  mode "sequence" (GKD, Eq. 2): mean over each sequence's valid tokens, then
+  mean over the sequences that have any. mode "token": the total-token mean
+  (TRL's `batchmean`). A batch without valid tokens gives 0.
+  """
+  if mode not in REDUCTIONS:
+    raise UserError(f"unknown reduction {mode!r}; choose one of {', '.join(REDUCTIONS)}")
+  mask = mask.astype(jnp.float32)
+  values = jnp.where(mask > 0, values, 0.0) * mask
+  if mode == "token":
+    return jnp.sum(values) / jnp.maximum(jnp.sum(mask), 1.0)
+  count = jnp.sum(mask, axis=-1)
+  per_seq = jnp.sum(values, axis=-1) / jnp.maximum(count, 1.0)
+  has = (count > 0).astype(jnp.float32)
+  return jnp.sum(per_seq * has) / jnp.maximum(jnp.sum(has), 1.0)
+
+
+@gin.configurable(module="gkd.losses")
+@dataclasses.dataclass(frozen=True)
+class Divergence:
+  """A configured divergence, validated on construction (before any compile).
+
+  Gin:  `train.divergence = @gkd.losses.Divergence()`
+        `gkd.losses.Divergence.name = 'jsd'`
+        `gkd.losses.Divergence.params = {'beta': 0.9}`
+  """
+
+  name: str = "forward_kl"
+  params: Any = None  # dict of the divergence's parameters
+  temperature: float = 1.0
+  reduction: str = "sequence"
+  chunk_size: Optional[int] = None
+  teacher_top_k: Optional[int] = None
+
+  def __post_init__(self):
+    object.__setattr__(self, "params", check_params(self.name, dict(self.params or {})))
+    check_temperature(self.temperature)
+    if self.reduction not in REDUCTIONS:
+      raise UserError(f"unknown reduction {self.reduction!r}; "
+                      f"choose one of {', '.join(REDUCTIONS)}")
+
+  def per_token(self, student_logits: Array, teacher_logits: Array, *,
+                targets: Optional[Array] = None, mask: Optional[Array] = None) -> Array:
+    """float32 `[batch, length]` values."""
+    return per_token(self.name, student_logits, teacher_logits,
+                     temperature=self.temperature, targets=targets, mask=mask,
+                     chunk_size=self.chunk_size, teacher_top_k=self.teacher_top_k,
+                     **self.params)
+
+  def __call__(self, student_logits: Array, teacher_logits: Array, mask: Array,
+               targets: Optional[Array] = None) -> Array:
+    """The reduced scalar loss."""
+    values = self.per_token(student_logits, teacher_logits, targets=targets, mask=mask)
+    return reduce(values, mask, self.reduction)

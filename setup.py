@@ -40,7 +40,6 @@ setuptools.setup(
     version="0.1.0",
     description="Generalized (on-policy) knowledge distillation for LMs in JAX/Flax",
     packages=setuptools.find_packages(include=["gkd", "gkd.*"]),
-    package_data={"gkd": ["../configs/**/*.gin"]},
     python_requires=">=3.11",
     install_requires=CORE,
     extras_require={"test": TEST},

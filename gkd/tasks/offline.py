@@ -1,0 +1,220 @@
+"""Built-in synthetic tasks: generated from a seed, no download.
+
+Three generators, each returning (input_text, target_text) pairs whose words
+all lie in `WORDS` (so `vocabularies.word_vocabulary()` never emits UNK):
+
+  arithmetic     multi-step word problems -> chain of thought ending "#### n"
+  translation    English-like SVO -> an invented SOV language with case and
+                 agreement suffixes (nouns/adjectives -o/-oj/-on/-ojn ...)
+  summarization  a document of facts about several people -> one sentence
+                 with the facts about the person the document is about
+
+Texts are canonical for the word vocabulary: `decode(encode(t)) == t`.
+Generation is pure Python and deterministic in (task, seed, split, params).
+"""
+
+import functools
+import random
+from typing import Callable, Sequence
+
+Pair = tuple[str, str]
+
+# ------------------------------------------------------------------ lexicons
+NAMES = (("Tom", "He", "his"), ("Sam", "He", "his"), ("Ben", "He", "his"),
+         ("Max", "He", "his"), ("Leo", "He", "his"), ("Ann", "She", "her"),
+         ("Mia", "She", "her"), ("Zoe", "She", "her"), ("Eva", "She", "her"),
+         ("Lily", "She", "her"))
+ITEMS = ("apples", "pens", "books", "coins", "cards", "eggs", "shells",
+         "stamps", "marbles", "cookies")
+ADD_VERBS = ("buys", "finds", "gets", "wins")  # "<P> buys 4 more."
+SUB_VERBS = ("gives away", "eats", "loses", "sells")  # "<P> eats 2."
+MUL_WORDS = {2: "doubles", 3: "triples"}  # "The number of <item> doubles."
+
+# source noun (sg, pl) -> target stem
+NOUNS = (("dog", "dogs", "hund"), ("cat", "cats", "kat"),
+         ("bird", "birds", "ornit"), ("horse", "horses", "ceval"),
+         ("fox", "foxes", "vulp"), ("child", "children", "infan"),
+         ("teacher", "teachers", "docent"), ("farmer", "farmers", "kampan"),
+         ("king", "kings", "reg"), ("friend", "friends", "amik"),
+         ("mouse", "mice", "mus"), ("wolf", "wolves", "lup"))
+ADJECTIVES = (("big", "grand"), ("small", "pet"), ("red", "rug"),
+              ("old", "vetus"), ("young", "jun"), ("happy", "felic"),
+              ("black", "nigr"), ("white", "blank"))
+# source verb (3sg present, plural present, past) -> target stem
+VERBS = (("sees", "see", "saw", "vid"), ("likes", "like", "liked", "sat"),
+         ("follows", "follow", "followed", "sekv"),
+         ("helps", "help", "helped", "help"), ("finds", "find", "found", "trov"),
+         ("chases", "chase", "chased", "cas"), ("feeds", "feed", "fed", "nutr"),
+         ("knows", "know", "knew", "kon"))
+NOUN_ENDINGS = ("o", "oj", "on", "ojn")  # (sg, pl) x (nominative, accusative)
+ADJ_ENDINGS = ("a", "aj", "an", "ajn")
+VERB_ENDINGS = {("present", False): "as", ("present", True): "ant",
+                ("past", False): "is", ("past", True): "int"}
+
+CITIES = ("Rome", "Oslo", "Paris", "Lima", "Cairo", "Tokyo", "Delhi", "Berlin")
+JOBS = ("doctor", "teacher", "farmer", "pilot", "baker", "nurse", "singer",
+        "lawyer")
+HOBBIES = ("music", "tea", "chess", "football", "books", "painting", "dogs",
+           "rain")
+VEHICLES = ("car", "bike", "boat")
+RELATIONS = ("lives in", "works as a", "likes", "owns a")
+
+_TEMPLATE_WORDS = (
+    "has more How many does have The number of Then "
+    "the a and kaj la The report is about "
+    "+ - * = . , ? ####").split()
+
+
+def _words() -> tuple[str, ...]:
+  words = set(_TEMPLATE_WORDS) | set("0123456789")
+  for name, pronoun, possessive in NAMES:
+    words |= {name, pronoun, possessive}
+  words |= set(ITEMS) | set(MUL_WORDS.values())
+  for verb in ADD_VERBS + SUB_VERBS + RELATIONS:
+    words |= set(verb.split())
+  for sg, pl, stem in NOUNS:
+    words |= {sg, pl} | {stem + e for e in NOUN_ENDINGS}
+  for adj, stem in ADJECTIVES:
+    words |= {adj} | {stem + e for e in ADJ_ENDINGS}
+  for *forms, stem in VERBS:
+    words |= set(forms) | {stem + e for e in VERB_ENDINGS.values()}
+  words |= set(CITIES) | set(JOBS) | set(HOBBIES) | set(VEHICLES)
+  return tuple(sorted(words))
+
+
+WORDS = _words()
+
+
+# ---------------------------------------------------------------- arithmetic
+def arithmetic_example(rng: random.Random, *, min_steps: int = 1,
+                       max_steps: int = 3, max_operand: int = 9,
+                       max_value: int = 99, multiply: bool = False) -> Pair:
+  """One word problem; every intermediate value lies in [0, max_value]."""
+  name, pronoun, _ = rng.choice(NAMES)
+  item = rng.choice(ITEMS)
+  value = rng.randint(1, max_operand * 2)
+  sentences = [f"{name} has {value} {item}."]
+  steps = []
+  for _ in range(rng.randint(min_steps, max_steps)):
+    ops = ["+"] * (value + max_operand <= max_value) + ["-"] * (value > 0)
+    ops += ["*"] * (multiply and 0 < value <= max_value // 2)
+    op = rng.choice(ops)
+    if op == "*":
+      n = rng.choice([k for k in MUL_WORDS if value * k <= max_value])
+      sentences.append(f"The number of {item} {MUL_WORDS[n]}.")
+      new = value * n
+    elif op == "+":
+      n = rng.randint(1, max_operand)
+      sentences.append(f"{pronoun} {rng.choice(ADD_VERBS)} {n} more.")
+      new = value + n
+    else:
+      n = rng.randint(1, min(max_operand, value))
+      verb = rng.choice(SUB_VERBS).split()
+      sentences.append(f"{pronoun} {' '.join([verb[0], str(n)] + verb[1:])}.")
+      new = value - n
+    steps.append(f"{value} {op} {n} = {new}.")
+    value = new
+  sentences.append(f"How many {item} does {name} have?")
+  return " ".join(sentences), " ".join(steps + [f"#### {value}"])
+
+
+# --------------------------------------------------------------- translation
+def _noun_phrase(rng: random.Random, max_adjectives: int, accusative: bool):
+  sg, pl, stem = rng.choice(NOUNS)
+  plural = rng.random() < 0.4
+  det = rng.choice(("the", "a")) if not plural else rng.choice(("the", ""))
+  adjs = rng.sample(ADJECTIVES, rng.randint(0, max_adjectives))
+  case = 2 * accusative + plural
+  source = [det] + [a for a, _ in adjs] + [pl if plural else sg]
+  target = (["la"] if det == "the" else []) + [stem + NOUN_ENDINGS[case]]
+  target += [s + ADJ_ENDINGS[case] for _, s in adjs]  # adjectives follow
+  return [w for w in source if w], target, plural
+
+
+def _clause(rng: random.Random, max_adjectives: int):
+  subj_src, subj_tgt, plural = _noun_phrase(rng, max_adjectives, False)
+  obj_src, obj_tgt, _ = _noun_phrase(rng, max_adjectives, True)
+  present_sg, present_pl, past, stem = rng.choice(VERBS)
+  tense = rng.choice(("present", "past"))
+  verb = past if tense == "past" else (present_pl if plural else present_sg)
+  source = subj_src + [verb] + obj_src
+  target = subj_tgt + obj_tgt + [stem + VERB_ENDINGS[tense, plural]]  # SOV
+  return source, target
+
+
+def translation_example(rng: random.Random, *, max_clauses: int = 2,
+                        max_adjectives: int = 2) -> Pair:
+  """One sentence pair; clauses joined by "and" / "kaj"."""
+  source, target = [], []
+  for i in range(rng.randint(1, max_clauses)):
+    s, t = _clause(rng, max_adjectives)
+    source += (["and"] if i else []) + s
+    target += (["kaj"] if i else []) + t
+  return " ".join(source) + ".", " ".join(target) + "."
+
+
+# ------------------------------------------------------------- summarization
+def _fact(rng: random.Random, relation: str) -> str:
+  if relation == "lives in":
+    return f"lives in {rng.choice(CITIES)}"
+  if relation == "works as a":
+    return f"works as a {rng.choice(JOBS)}"
+  if relation == "likes":
+    return f"likes {rng.choice(HOBBIES)}"
+  color = rng.choice(("red", "black", "white"))
+  return f"owns a {color} {rng.choice(VEHICLES)}"
+
+
+def summarization_example(rng: random.Random, *, min_facts: int = 2,
+                          max_facts: int = 3, num_distractors: int = 3) -> Pair:
+  """A report about one person among others -> that person's facts."""
+  people = rng.sample([n for n, _, _ in NAMES], 1 + min(num_distractors, 4))
+  topic = people[0]
+  relations = rng.sample(RELATIONS, rng.randint(min_facts, max_facts))
+  sentences = [(topic, _fact(rng, r)) for r in relations]
+  sentences += [(rng.choice(people[1:]), _fact(rng, rng.choice(RELATIONS)))
+                for _ in range(num_distractors)]
+  rng.shuffle(sentences)
+  document = [f"The report is about {topic}."]
+  document += [f"{who} {fact}." for who, fact in sentences]
+  key = [fact for who, fact in sentences if who == topic]
+  summary = ", ".join(key[:-1]) + " and " + key[-1] if len(key) > 1 else key[0]
+  return " ".join(document), f"{topic} {summary}."
+
+
+# ------------------------------------------------------------------- splits
+GENERATORS: dict[str, Callable[..., Pair]] = {
+    "arithmetic": arithmetic_example,
+    "translation": translation_example,
+    "summarization": summarization_example,
+}
+SPLITS = ("train", "validation", "test")
+
+
+@functools.lru_cache(maxsize=16)
+def _generate(kind: str, seed: int, num_train: int, num_eval: int,
+              params: tuple[tuple[str, object], ...]) -> dict[str, list[Pair]]:
+  generator = functools.partial(GENERATORS[kind], **dict(params))
+  splits, seen = {}, set()
+  for split in ("test", "validation", "train"):  # held-out splits first
+    rng = random.Random(f"{kind}/{seed}/{split}")
+    size = num_train if split == "train" else num_eval
+    examples = []
+    for _ in range(100 * size + 1000):  # bounded: tiny spaces may run out
+      if len(examples) == size:
+        break
+      pair = generator(rng)
+      if pair[0] in seen:
+        continue
+      examples.append(pair)
+      if split != "train":
+        seen.add(pair[0])
+    splits[split] = examples
+  return splits
+
+
+def generate(kind: str, split: str, *, seed: int = 0, num_train: int = 20000,
+             num_eval: int = 500, **params) -> Sequence[Pair]:
+  """The examples of one split; train never repeats a held-out input."""
+  return _generate(kind, seed, num_train, num_eval,
+                   tuple(sorted(params.items())))[split]

@@ -1,0 +1,148 @@
+"""Task registration keyed by vocabulary, and the built-in offline tasks.
+
+A task *builder* (Gin-configurable, one per task name) returns a `TaskSpec`:
+a raw-text source plus text preprocessors that yield string features
+"inputs"/"targets", its metrics and postprocessor. `get_task(name, vocab)`
+registers "<name>_<hash>" in `seqio.TaskRegistry` once, the hash covering
+the vocabulary and the builder's settings; tokenisation adds no EOS/BOS
+(features.py does).
+"""
+
+import dataclasses
+import functools
+import hashlib
+import json
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import gin
+import seqio
+import tensorflow as tf
+
+from gkd.errors import UserError
+from gkd.tasks import metrics as metrics_lib
+from gkd.tasks import offline
+from gkd.tasks import vocabularies
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+  """What a builder returns; `config` identifies its data (for the hash)."""
+  source: seqio.DataSource
+  metric_fns: Sequence[Callable[..., Mapping[str, float]]]
+  config: Mapping[str, Any]
+  preprocessors: Sequence[Callable[..., tf.data.Dataset]] = ()
+  postprocess_fn: Callable[..., Any] = metrics_lib.strip
+  keep_input_end: bool = False  # truncate prompts from the front
+
+
+BUILDERS: dict[str, Callable[[], TaskSpec]] = {}
+_SPECS: dict[str, TaskSpec] = {}
+
+
+def register_builder(name: str):
+  def wrap(fn):
+    BUILDERS[name] = fn
+    return fn
+  return wrap
+
+
+def get_task(name: str, vocabulary: Optional[seqio.Vocabulary] = None,
+             **overrides) -> seqio.Task:
+  """The seqio Task for `name` tokenised with `vocabulary` (default: Gin's).
+
+  `overrides` are passed to the task's builder (else Gin's bindings apply).
+  """
+  if name not in BUILDERS:
+    raise UserError(f"unknown task {name!r}; known tasks: {sorted(BUILDERS)}")
+  vocab = vocabulary or vocabularies.get_vocabulary()
+  spec = BUILDERS[name](**overrides)
+  blob = json.dumps(dict(spec.config), sort_keys=True, default=str)
+  key = hashlib.sha1(
+      (blob + vocabularies.fingerprint(vocab)).encode()).hexdigest()[:10]
+  task_name = f"{name}_{key}"
+  if task_name not in seqio.TaskRegistry.names():
+    feature = seqio.Feature(vocab, add_eos=False, dtype=tf.int32)
+    tokenize = functools.partial(seqio.preprocessors.tokenize,
+                                 copy_pretokenized=True, with_eos=False)
+    seqio.TaskRegistry.add_provider(task_name, seqio.Task(
+        task_name, source=spec.source,
+        output_features={"inputs": feature, "targets": feature},
+        preprocessors=list(spec.preprocessors) + [tokenize],
+        postprocess_fn=spec.postprocess_fn, metric_fns=list(spec.metric_fns)))
+    _SPECS[task_name] = spec
+  return seqio.get_mixture_or_task(task_name)
+
+
+def resolve(task) -> seqio.Task:
+  """A seqio Task from a Task or a registered task name."""
+  if isinstance(task, seqio.Task):
+    return task
+  if isinstance(task, str) and task in seqio.TaskRegistry.names():
+    return seqio.get_mixture_or_task(task)
+  raise UserError(f"{task!r} is not a registered task; call "
+                  "gkd.tasks.get_task(name, vocabulary) first")
+
+
+def spec_of(task: seqio.Task) -> TaskSpec:
+  return _SPECS.get(task.name) or TaskSpec(None, task.metric_fns, {})
+
+
+def text_source(splits: Mapping[str, Callable[[], Sequence[tuple[str, str]]]]
+                ) -> seqio.DataSource:
+  """A source of {"inputs", "targets"} strings from in-memory pairs."""
+
+  def dataset_fn(split: str, shuffle_files: bool, seed=None):
+    del shuffle_files, seed
+    pairs = splits[split]()
+    return tf.data.Dataset.from_tensor_slices({
+        "inputs": tf.constant([p[0] for p in pairs], tf.string),
+        "targets": tf.constant([p[1] for p in pairs], tf.string)})
+
+  return seqio.FunctionDataSource(dataset_fn, splits=tuple(splits))
+
+
+def _offline(kind: str, metric_fns, seed: int, num_train: int, num_eval: int,
+             **params) -> TaskSpec:
+  config = dict(kind=kind, seed=seed, num_train=num_train, num_eval=num_eval,
+                **params)
+  splits = {s: functools.partial(offline.generate, kind, s, seed=seed,
+                                 num_train=num_train, num_eval=num_eval,
+                                 **params) for s in offline.SPLITS}
+  return TaskSpec(source=text_source(splits), metric_fns=metric_fns,
+                  config=config)
+
+
+@register_builder("offline_arithmetic")
+@gin.configurable(module="tasks")
+def offline_arithmetic(seed: int = 0, num_train: int = 20000,
+                       num_eval: int = 500, min_steps: int = 1,
+                       max_steps: int = 3, max_operand: int = 9,
+                       max_value: int = 99, multiply: bool = False) -> TaskSpec:
+  """Word problems -> "a + b = c. ... #### n"; accuracy on the final number."""
+  return _offline("arithmetic", [metrics_lib.accuracy], seed, num_train,
+                  num_eval, min_steps=min_steps, max_steps=max_steps,
+                  max_operand=max_operand, max_value=max_value,
+                  multiply=multiply)
+
+
+@register_builder("offline_translation")
+@gin.configurable(module="tasks")
+def offline_translation(seed: int = 0, num_train: int = 20000,
+                        num_eval: int = 500, max_clauses: int = 2,
+                        max_adjectives: int = 2) -> TaskSpec:
+  """SVO English-like -> SOV invented language with case/agreement; BLEU."""
+  return _offline("translation", [metrics_lib.bleu], seed, num_train,
+                  num_eval, max_clauses=max_clauses,
+                  max_adjectives=max_adjectives)
+
+
+@register_builder("offline_summarization")
+@gin.configurable(module="tasks")
+def offline_summarization(seed: int = 0, num_train: int = 20000,
+                          num_eval: int = 500, min_facts: int = 2,
+                          max_facts: int = 3, num_distractors: int = 3
+                          ) -> TaskSpec:
+  """A report about one person among distractors -> their facts; ROUGE."""
+  return _offline("summarization", [metrics_lib.rouge], seed, num_train,
+                  num_eval, min_facts=min_facts, max_facts=max_facts,
+                  num_distractors=num_distractors)

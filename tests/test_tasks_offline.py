@@ -1,0 +1,119 @@
+"""Tests for gkd.tasks.offline: determinism, held-out splits, and each
+generator checked against an independent reading of its rules."""
+
+import random
+import re
+
+import numpy as np
+import pytest
+
+from gkd.tasks import offline
+from gkd.tasks import vocabularies
+
+VOCAB = vocabularies.WordVocabulary(offline.WORDS)
+
+
+def _solve(problem: str) -> int:
+  """An independent interpreter of the arithmetic word problems."""
+  value = None
+  for sentence in problem.split(". "):
+    words = sentence.rstrip(".?").split()
+    numbers = [int(w) for w in words if w.isdigit()]
+    if "has" in words:
+      value = numbers[0]
+    elif "more" in words:
+      value += numbers[0]
+    elif "doubles" in words or "triples" in words:
+      value *= 2 if "doubles" in words else 3
+    elif numbers:
+      value -= numbers[0]
+  return value
+
+
+@pytest.mark.parametrize("kind", sorted(offline.GENERATORS))
+def test_texts_are_canonical_for_the_word_vocabulary(kind):
+  for inputs, targets in offline.generate(kind, "validation", num_eval=300):
+    for text in (inputs, targets):
+      ids = VOCAB.encode(text)
+      assert VOCAB.unk_id not in ids, text
+      assert VOCAB.decode(ids) == text
+
+
+@pytest.mark.parametrize("kind", sorted(offline.GENERATORS))
+def test_deterministic_and_seeded(kind):
+  a = offline.generate(kind, "train", seed=3, num_train=200)
+  b = offline._generate.__wrapped__(kind, 3, 200, 500, ())["train"]
+  c = offline.generate(kind, "train", seed=4, num_train=200)
+  assert list(a) == list(b)
+  assert list(a) != list(c)
+
+
+@pytest.mark.parametrize("kind", sorted(offline.GENERATORS))
+def test_held_out_inputs_never_in_train(kind):
+  train = {x for x, _ in offline.generate(kind, "train", num_train=3000)}
+  val = {x for x, _ in offline.generate(kind, "validation", num_train=3000)}
+  test = {x for x, _ in offline.generate(kind, "test", num_train=3000)}
+  assert len(val) == 500 and len(test) == 500
+  assert not train & val and not train & test and not val & test
+
+
+@pytest.mark.parametrize("multiply", [False, True])
+def test_arithmetic_answers_and_chain_of_thought(multiply):
+  rng = random.Random(0)
+  for _ in range(500):
+    problem, answer = offline.arithmetic_example(
+        rng, min_steps=2, max_steps=4, multiply=multiply, max_value=99)
+    steps = re.findall(r"(\d+) ([-+*]) (\d+) = (\d+)\.", answer)
+    assert 2 <= len(steps) <= 4
+    for a, op, b, c in steps:
+      assert eval(f"{a}{op}{b}") == int(c) and 0 <= int(c) <= 99  # pylint: disable=eval-used
+    assert answer.endswith(f"#### {_solve(problem)}")
+
+
+def test_arithmetic_difficulty_knob_changes_lengths():
+  easy = offline.generate("arithmetic", "test", min_steps=1, max_steps=1)
+  hard = offline.generate("arithmetic", "test", min_steps=4, max_steps=4)
+  assert all(t.count("=") == 1 for _, t in easy)
+  assert all(t.count("=") == 4 for _, t in hard)
+
+
+def test_translation_follows_its_grammar():
+  nouns = {sg: stem for sg, _, stem in offline.NOUNS}
+  nouns.update({pl: stem for _, pl, stem in offline.NOUNS})
+  verbs = {f: stem for *forms, stem in offline.VERBS for f in forms}
+  rng = random.Random(1)
+  for _ in range(300):
+    source, target = offline.translation_example(rng)
+    for src, tgt in zip(source[:-1].split(" and "), target[:-1].split(" kaj ")):
+      src_nouns = [nouns[w] for w in src.split() if w in nouns]
+      tgt_words = tgt.split()
+      # SOV: subject then object nouns in source order, the verb last.
+      verb = [verbs[w] for w in src.split() if w in verbs]
+      assert len(verb) == 1 and tgt_words[-1].startswith(verb[0])
+      target_nouns = [w for w in tgt_words if w.rstrip("jn").endswith("o")]
+      assert [w.rstrip("jn")[:-1] for w in target_nouns] == src_nouns
+      # The object (second noun) is accusative, the subject is not.
+      assert not target_nouns[0].endswith("n") and target_nouns[1].endswith("n")
+
+
+def test_summary_states_exactly_the_topic_facts():
+  rng = random.Random(2)
+  for _ in range(300):
+    document, summary = offline.summarization_example(rng)
+    sentences = document[:-1].split(". ")
+    topic = sentences[0].split()[-1]
+    facts = [s[len(topic) + 1:] for s in sentences[1:] if s.startswith(topic)]
+    expected = (", ".join(facts[:-1]) + " and " + facts[-1]
+                if len(facts) > 1 else facts[0])
+    assert summary == f"{topic} {expected}."
+
+
+@pytest.mark.parametrize("kind,max_in,max_out", [
+    ("arithmetic", 64, 32), ("translation", 32, 32),
+    ("summarization", 64, 32)])
+def test_default_sizes_fit_the_suggested_lengths(kind, max_in, max_out):
+  pairs = offline.generate(kind, "validation")
+  in_len = np.array([len(VOCAB.encode(x)) + 1 for x, _ in pairs])  # + BOS
+  out_len = np.array([len(VOCAB.encode(y)) + 1 for _, y in pairs])  # + EOS
+  assert in_len.max() <= max_in and out_len.max() <= max_out
+  assert in_len.mean() >= 8 and out_len.mean() >= 6

@@ -5,8 +5,6 @@ RMSNorm -> SwiGLU -> residual; final RMSNorm; tied or untied output head.
 """
 
 import dataclasses
-from typing import Any
-
 import flax.linen as nn
 import gin
 import jax
@@ -35,14 +33,13 @@ class DecoderConfig:
   rope_low_freq_factor: float = 1.0
   rope_high_freq_factor: float = 4.0
   rope_original_max_len: int = 8192
-  qkv_bias: bool = False  # True for Qwen2
+  qkv_bias: bool = False  # True for Qwen2 (exported as Qwen2, else as Llama)
   tie_embeddings: bool = True
   norm_eps: float = 1e-6
   bos_id: int = 1
   eos_id: int = 2
   pad_id: int = 0
   max_len: int = 4096  # max_position_embeddings, only recorded for export
-  hf_model_type: str = 'llama'  # 'llama' or 'qwen2': the family written on export
   dtype: str = 'bfloat16'  # activations
   param_dtype: str = 'float32'
 
@@ -55,10 +52,6 @@ class DecoderConfig:
                 original_max_position_embeddings=self.rope_original_max_len)
 
 
-def _dtypes(cfg) -> dict[str, Any]:
-  return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
-
-
 class DecoderBlock(nn.Module):
   cfg: DecoderConfig
 
@@ -66,7 +59,7 @@ class DecoderBlock(nn.Module):
   def __call__(self, x: Array, positions: Array, mask: Array,
                kv_cache: tuple[Array, Array] | None, index: Array | int):
     """x [B, L, E]; positions [B, L]; mask bool[B, L, S]; kv_cache ([B, S, K, D],) * 2."""
-    cfg, dt = self.cfg, _dtypes(self.cfg)
+    cfg, dt = self.cfg, layers.dtypes_of(self.cfg)
     attn = layers.Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim,
                             qkv_bias=cfg.qkv_bias, name='attn', **dt)
     h = layers.RMSNorm(cfg.norm_eps, name='attn_norm', **dt)(x)
@@ -97,7 +90,7 @@ class Decoder(nn.Module):
     length). cache: per-layer (k, v) [B, S, K, D] or None. Returns
     (float32 logits [B, L - logits_from, V] or None, new per-layer cache).
     """
-    cfg, dt = self.cfg, _dtypes(self.cfg)
+    cfg, dt = self.cfg, layers.dtypes_of(self.cfg)
     embed = layers.Embed(cfg.vocab_size, cfg.embed_dim, name='embed', **dt)
     x = layers.constrain(embed(tokens), layers.BLE)
     mask = layers.causal_mask(index, tokens.shape[1], key_mask)

@@ -27,6 +27,11 @@ CACHE = ('cache_batch', 'cache_length', 'cache_heads', 'cache_kv')
 _MASKED = -1e30
 
 
+def dtypes_of(cfg: Any) -> dict[str, DType]:
+  """dtype / param_dtype keyword arguments from a config's dtype names."""
+  return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+
+
 def constrain(x: Array, names: Sequence[str]) -> Array:
   return nn.with_logical_constraint(x, tuple(names))
 

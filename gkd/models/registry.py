@@ -1,0 +1,68 @@
+"""Config class <-> Model class, and configs to/from JSON (model_config.json)."""
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import gin
+
+from gkd.errors import UserError
+from gkd.models.api import Model
+from gkd.models.decoder import DecoderConfig, DecoderModel
+from gkd.models.t5 import T5Config, T5Model
+
+Config = DecoderConfig | T5Config
+
+# architecture name (as written in model_config.json) -> (config class, model class)
+ARCHITECTURES: dict[str, tuple[type, type]] = {
+    'decoder': (DecoderConfig, DecoderModel),
+    't5': (T5Config, T5Model),
+}
+
+
+@gin.configurable
+def build_model(config: Config) -> Model:
+  """The Model (gkd/models/api.py) for a DecoderConfig or T5Config."""
+  for config_cls, model_cls in ARCHITECTURES.values():
+    if isinstance(config, config_cls):
+      return model_cls(config)
+  raise UserError(f'build_model: {type(config).__name__} is not a model config; '
+                  f'use one of {[c.__name__ for c, _ in ARCHITECTURES.values()]}.')
+
+
+def architecture_of(config: Config) -> str:
+  for name, (config_cls, _) in ARCHITECTURES.items():
+    if isinstance(config, config_cls):
+      return name
+  raise UserError(f'{type(config).__name__} is not a model config.')
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+  return {'architecture': architecture_of(config), **dataclasses.asdict(config)}
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+  d = dict(d)
+  name = d.pop('architecture', None)
+  if name not in ARCHITECTURES:
+    raise UserError(f'model config: unknown architecture {name!r}; use one of {sorted(ARCHITECTURES)}.')
+  config_cls = ARCHITECTURES[name][0]
+  known = {f.name for f in dataclasses.fields(config_cls)}
+  unknown = sorted(set(d) - known)
+  if unknown:
+    raise UserError(f'model config: unknown {name} fields {unknown}; known fields: {sorted(known)}.')
+  return config_cls(**d)
+
+
+def save_model_config(config: Config, path: str) -> None:
+  with open(path, 'w') as f:
+    json.dump(config_to_dict(config), f, indent=2, sort_keys=True)
+
+
+def load_model_config(path: str) -> Config:
+  if not os.path.exists(path):
+    raise UserError(f'{path} does not exist; a gkd model checkpoint has a model_config.json '
+                    'next to its params (write one with `python -m gkd.convert`).')
+  with open(path) as f:
+    return config_from_dict(json.load(f))

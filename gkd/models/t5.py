@@ -1,0 +1,181 @@
+"""T5 v1.1 / FLAN-T5 encoder-decoder.
+
+Pre-norm blocks with RMSNorm (no bias), relative position buckets shared by
+all layers of a stack, unscaled attention logits (T5 folds the 1/sqrt(d)
+into the initialisation), gated-GELU feed-forward, untied output head.
+Dropout is not implemented (distillation fine-tunes without it here).
+"""
+
+import dataclasses
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+
+from gkd.models import layers
+from gkd.models.api import Batch, Cache, Params
+
+Array = jax.Array
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+  """Sizes and options of a T5 v1.1-style model (defaults: a tiny test model)."""
+  vocab_size: int = 512
+  embed_dim: int = 64  # d_model
+  mlp_dim: int = 128  # d_ff
+  num_encoder_layers: int = 2
+  num_decoder_layers: int = 2
+  num_heads: int = 4
+  head_dim: int = 16  # d_kv
+  relpos_buckets: int = 32
+  relpos_max_distance: int = 128
+  activation: str = 'gelu_new'  # T5 v1.1 "gated-gelu" is the tanh approximation
+  gated: bool = True
+  tie_embeddings: bool = False  # output head = token embedding (original T5)
+  scale_decoder_outputs: bool = False  # multiply final decoder states by d_model**-0.5 (original T5)
+  norm_eps: float = 1e-6
+  pad_id: int = 0
+  eos_id: int = 1
+  decoder_start_id: int = 0
+  dtype: str = 'bfloat16'
+  param_dtype: str = 'float32'
+
+
+class T5Block(nn.Module):
+  """Self-attention, optional cross-attention (decoder), feed-forward."""
+  cfg: T5Config
+  cross_attention: bool
+
+  def setup(self):
+    cfg, dt = self.cfg, layers.dtypes_of(self.cfg)
+    attention = lambda: layers.Attention(cfg.num_heads, cfg.num_heads, cfg.head_dim,
+                                         cfg.embed_dim, kv_axis='heads', **dt)
+    self.attn_norm = layers.RMSNorm(cfg.norm_eps, **dt)
+    self.attn = attention()
+    if self.cross_attention:
+      self.cross_norm = layers.RMSNorm(cfg.norm_eps, **dt)
+      self.cross = attention()
+    self.mlp_norm = layers.RMSNorm(cfg.norm_eps, **dt)
+    self.mlp = layers.MLP(cfg.mlp_dim, cfg.activation, cfg.gated, **dt)
+
+  def __call__(self, x: Array, mask: Array, bias: Array,
+               kv_cache: tuple[Array, Array] | None = None, index: Array | int = 0,
+               cross_kv: tuple[Array, Array] | None = None, cross_mask: Array | None = None):
+    """x [B, L, E]; mask bool[B, L, S]; bias [1, H, L, S]; cross_kv ([B, I, H, D],) * 2."""
+    h = self.attn_norm(x)
+    q = self.attn.project_q(h)
+    k, v = self.attn.project_kv(h)
+    if kv_cache is not None:
+      k = layers.write_cache(kv_cache[0], k, index)
+      v = layers.write_cache(kv_cache[1], v, index)
+    x = x + self.attn(q, k, v, mask, bias)
+    if self.cross_attention:
+      q = self.cross.project_q(self.cross_norm(x))
+      x = x + self.cross(q, *cross_kv, cross_mask)
+    x = x + self.mlp(self.mlp_norm(x))
+    return layers.constrain(x, layers.BLE), (k, v)
+
+
+class T5(nn.Module):
+  """Encoder, decoder and head; methods are the stages the Model API needs."""
+  cfg: T5Config
+
+  def setup(self):
+    cfg, dt = self.cfg, layers.dtypes_of(self.cfg)
+    relpos = lambda bidirectional: layers.RelativePositionBias(
+        cfg.relpos_buckets, cfg.relpos_max_distance, cfg.num_heads, bidirectional, **dt)
+    self.token_embed = layers.Embed(cfg.vocab_size, cfg.embed_dim, **dt)
+    self.encoder_relpos = relpos(True)
+    self.encoder_layers = [T5Block(cfg, False) for _ in range(cfg.num_encoder_layers)]
+    self.encoder_norm = layers.RMSNorm(cfg.norm_eps, **dt)
+    self.decoder_relpos = relpos(False)
+    self.decoder_layers = [T5Block(cfg, True) for _ in range(cfg.num_decoder_layers)]
+    self.decoder_norm = layers.RMSNorm(cfg.norm_eps, **dt)
+    if not cfg.tie_embeddings:
+      self.lm_head = layers.LMHead(cfg.vocab_size, **dt)
+
+  def encode(self, tokens: Array, mask: Array) -> list[tuple[Array, Array]]:
+    """Encoder on tokens int[B, I] (mask int[B, I]); returns each decoder layer's cross k/v."""
+    x = layers.constrain(self.token_embed(tokens), layers.BLE)
+    n = tokens.shape[1]
+    bias = self.encoder_relpos(0, n, n)
+    attn_mask = jnp.broadcast_to(mask[:, None, :] > 0, (mask.shape[0], n, n))
+    for layer in self.encoder_layers:
+      x, _ = layer(x, attn_mask, bias)
+    encoded = self.encoder_norm(x)
+    return [layer.cross.project_kv(encoded) for layer in self.decoder_layers]
+
+  def decode(self, tokens: Array, cross_kv: list, cross_mask: Array,
+             cache: list | None = None, index: Array | int = 0):
+    """Decoder on tokens int[B, L] at columns index..; returns (float32[B, L, V], cache)."""
+    b, n = tokens.shape
+    size = n if cache is None else cache[0][0].shape[1]
+    x = layers.constrain(self.token_embed(tokens), layers.BLE)
+    bias = self.decoder_relpos(index, n, size)
+    mask = layers.causal_mask(index, n, jnp.ones((b, size), jnp.int32))
+    cross = cross_mask[:, None, :] > 0
+    new_cache = []
+    for i, layer in enumerate(self.decoder_layers):
+      x, kv = layer(x, mask, bias, None if cache is None else cache[i], index,
+                    cross_kv[i], cross)
+      new_cache.append(kv)
+    x = self.decoder_norm(x)
+    if self.cfg.scale_decoder_outputs:
+      x = x * self.cfg.embed_dim ** -0.5
+    if self.cfg.tie_embeddings:
+      logits = self.token_embed.attend(x)
+    else:
+      logits = self.lm_head(x)
+    return layers.constrain(logits, layers.BLV), new_cache
+
+  def __call__(self, inputs: Array, input_mask: Array, decoder_tokens: Array) -> Array:
+    logits, _ = self.decode(decoder_tokens, self.encode(inputs, input_mask), input_mask)
+    return logits
+
+
+def shift_right(targets: Array, start_id: int) -> Array:
+  """Decoder inputs: [start, t_0, ..., t_{O-2}]."""
+  start = jnp.full((targets.shape[0], 1), start_id, targets.dtype)
+  return jnp.concatenate([start, targets[:, :-1]], axis=1)
+
+
+class T5Model:
+  """The Model API (gkd/models/api.py) for T5; the encoder runs once per decode."""
+  is_encoder_decoder = True
+
+  def __init__(self, config: T5Config):
+    self.config = config
+    self.vocab_size = config.vocab_size
+    self.eos_id = config.eos_id
+    self.module = T5(config)
+
+  def init(self, rng: Array, batch: Batch) -> Params:
+    inputs = jnp.zeros(batch['input_tokens'].shape, jnp.int32)
+    targets = jnp.zeros(batch['target_tokens'].shape, jnp.int32)
+    return self.module.init(rng, inputs, jnp.ones_like(inputs), targets)['params']
+
+  def logits(self, params: Params, batch: Batch) -> Array:
+    """float32[B, O, V]."""
+    decoder_tokens = shift_right(batch['target_tokens'], self.config.decoder_start_id)
+    return self.module.apply({'params': params}, batch['input_tokens'], batch['input_mask'],
+                             decoder_tokens)
+
+  def init_cache(self, params: Params, batch: Batch, max_new: int) -> tuple[Cache, Array]:
+    cfg = self.config
+    cross_kv = self.module.apply({'params': params}, batch['input_tokens'],
+                                 batch['input_mask'], method=T5.encode)
+    b = batch['input_tokens'].shape[0]
+    zeros = jnp.zeros((b, max_new, cfg.num_heads, cfg.head_dim), jnp.dtype(cfg.dtype))
+    cache = dict(kv=[(zeros, zeros)] * cfg.num_decoder_layers, cross_kv=cross_kv,
+                 cross_mask=batch['input_mask'].astype(jnp.int32),
+                 index=jnp.asarray(0, jnp.int32))
+    return cache, jnp.full((b,), cfg.decoder_start_id, jnp.int32)
+
+  def decode_step(self, params: Params, cache: Cache, token: Array) -> tuple[Array, Cache]:
+    logits, kv = self.module.apply(
+        {'params': params}, token[:, None], cache['cross_kv'], cache['cross_mask'],
+        cache['kv'], cache['index'], method=T5.decode)
+    return logits[:, 0], dict(cache, kv=kv, index=cache['index'] + 1)

@@ -8,7 +8,7 @@ The API the trainer uses (see docs/tasks.md):
                       batch_size=32, seed=0)     # .state() / .restore(state)
   for eb in eval_examples(task, "validation", ...): eb.batch, eb.valid, ...
   texts = decode(vocab, tokens, mask)
-  scores = metrics(task, targets, predictions)   # {"accuracy": ...}
+  scores = compute_metrics(task, targets, predictions)  # {"accuracy": ..}
 """
 
 from typing import Mapping, Sequence
@@ -33,7 +33,7 @@ def vocabulary_of(task):
   return resolve(task).output_features["targets"].vocabulary
 
 
-def metrics(task, targets: Sequence[str], predictions: Sequence[str]
+def compute_metrics(task, targets: Sequence[str], predictions: Sequence[str]
             ) -> dict[str, float]:
   """The task's metrics on raw target texts and decoded predictions."""
   task = resolve(task)
@@ -59,4 +59,4 @@ def data_config(name: str = gin.REQUIRED, *, input_length: int = 64,
 
 __all__ = ["BUILDERS", "BatchIterator", "EvalBatch", "batch_iterator",
            "data_config", "decode", "eval_examples", "get_task",
-           "get_vocabulary", "metrics", "vocabulary_of"]
+           "compute_metrics", "get_vocabulary", "vocabulary_of"]

@@ -15,6 +15,7 @@ import dataclasses
 from typing import Any, Optional
 
 import flax
+import flax.linen as nn
 import gin
 import jax
 from jax import lax
@@ -86,6 +87,11 @@ class BeamConfig:
            "set it to a positive integer")
     _check(self.alpha >= 0, "BeamConfig.alpha", self.alpha,
            "use alpha >= 0 (0 ranks by total log-probability)")
+
+
+def _batch_sharded(x: Array) -> Array:
+  """Constrains x's leading (batch) axis to the batch mesh axes, if any."""
+  return nn.with_logical_constraint(x, ("activation_batch",) + (None,) * (x.ndim - 1))
 
 
 def _check(ok: bool, name: str, value: Any, fix: str) -> None:
@@ -184,8 +190,8 @@ def sample(model: api.Model, params: api.Params, batch: api.Batch, rng: Array,
   b = first.shape[0]
   state = _SampleState(
       step=jnp.zeros((), jnp.int32), token=first.astype(jnp.int32), cache=cache,
-      tokens=jnp.zeros((b, n), jnp.int32),
-      logprobs=jnp.zeros((b, n), jnp.float32),
+      tokens=_batch_sharded(jnp.zeros((b, n), jnp.int32)),
+      logprobs=_batch_sharded(jnp.zeros((b, n), jnp.float32)),
       length=jnp.zeros((b,), jnp.int32), done=jnp.zeros((b,), bool))
 
   def cond(s: _SampleState) -> Array:
@@ -205,8 +211,9 @@ def sample(model: api.Model, params: api.Params, batch: api.Batch, rng: Array,
 
   s = lax.while_loop(cond, body, state)
   mask = (jnp.arange(n)[None, :] < s.length[:, None]).astype(jnp.int32)
-  return Samples(tokens=s.tokens, mask=mask,
-                 logprobs=s.logprobs if config.return_logprobs else None)
+  return Samples(
+      tokens=_batch_sharded(s.tokens), mask=_batch_sharded(mask),
+      logprobs=_batch_sharded(s.logprobs) if config.return_logprobs else None)
 
 
 # --------------------------------------------------------------- beam search
@@ -315,7 +322,7 @@ def beam_search(model: api.Model, params: api.Params, batch: api.Batch,
   length = jnp.where(use_live, n, s.done_length)
   scores = jnp.where(use_live, live_score, s.done_score)
   mask = (jnp.arange(n)[None, :] < length[:, None]).astype(jnp.int32)
-  return tokens, mask, scores
+  return _batch_sharded(tokens), _batch_sharded(mask), _batch_sharded(scores)
 
 
 def _beam_step(model: api.Model, params: api.Params, config: BeamConfig,

@@ -4,6 +4,7 @@ top-k / top-p support, EOS handling, 1 vs 8 devices, beam search."""
 import dataclasses
 import itertools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +12,9 @@ import pytest
 from scipy import stats
 
 from gkd import errors
+from gkd import partitioning
 from gkd import sampling
+from gkd.models import decoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,3 +290,168 @@ def test_beam_search_beats_greedy_and_reaches_exact_optimum(alpha):
     exact = _exact_best(params, [1, 1, 1], n, eos=0, alpha=alpha)
     np.testing.assert_allclose(score[0], exact, rtol=1e-5)
   assert improved >= 2  # the tables are not all greedy-optimal
+
+
+# ------------------------------------------------------ real (tiny) models
+
+LLAMA = decoder.DecoderConfig(
+    vocab_size=128, embed_dim=32, mlp_dim=64, num_layers=2, num_heads=4,
+    num_kv_heads=2, head_dim=8, dtype="float32", eos_id=2, tie_embeddings=False)
+
+
+def _left_padded(lengths, input_len, vocab, seed=0):
+  """Left-padded prompts of the given lengths (pad id 5: never inferred)."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(3, vocab, size=(len(lengths), input_len))
+  mask = np.arange(input_len)[None] >= input_len - np.asarray(lengths)[:, None]
+  return {"input_tokens": jnp.asarray(np.where(mask, tokens, 5), jnp.int32),
+          "input_mask": jnp.asarray(mask, jnp.int32)}
+
+
+@pytest.fixture(scope="module")
+def llama():
+  model = decoder.DecoderModel(LLAMA)
+  params = nn.unbox(model.init(jax.random.key(0), _left_padded([2], 2, 128)))
+  return model, params
+
+
+def _greedy_by_full_forward(model, params, batch, n):
+  """Reference: argmax of full `model.logits` passes on growing targets (the
+  targets past the known prefix are zeros, which a causal model ignores)."""
+  logits_fn = jax.jit(model.logits)
+  targets = np.zeros((batch["input_tokens"].shape[0], n), np.int32)
+  for t in range(n):
+    logits = logits_fn(params, {**batch, "target_tokens": jnp.asarray(targets)})
+    targets[:, t] = np.argmax(logits[:, t], axis=-1)
+  return targets
+
+
+_GREEDY = sampling.SampleConfig(max_new_tokens=6, greedy=True,
+                                return_logprobs=True)
+
+
+def _stop_at_eos(tokens, eos):
+  """Reference EOS handling of free-running outputs: (tokens, mask) [B, N]."""
+  after = np.cumsum(np.cumsum(tokens == eos, axis=1), axis=1) > 1
+  mask = ~after
+  return np.where(mask, tokens, 0), mask.astype(np.int32)
+
+
+def _forward_logprobs(model, params, batch, tokens, mask=None):
+  """Full-forward log p(tokens) [B, N], 0 where mask is 0."""
+  logits = model.logits(params, {**batch, "target_tokens": tokens})
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  logp = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+  return logp if mask is None else jnp.where(mask > 0, logp, 0.0)
+
+
+def test_llama_greedy_equals_argmax_of_full_forward_passes(llama):
+  model, params = llama
+  batch = _left_padded([6, 3, 1, 4], 6, LLAMA.vocab_size, seed=1)
+  config = sampling.SampleConfig(max_new_tokens=7, temperature=0.0,
+                                 return_logprobs=True)
+  out = _sample(model, params, batch, jax.random.key(0), config)
+  ref, ref_mask = _stop_at_eos(
+      _greedy_by_full_forward(model, params, batch, 7), model.eos_id)
+  np.testing.assert_array_equal(out.tokens, ref)
+  np.testing.assert_array_equal(out.mask, ref_mask)
+  np.testing.assert_allclose(
+      out.logprobs, _forward_logprobs(model, params, batch, out.tokens, out.mask),
+      atol=1e-4)
+
+
+def test_llama_sampled_logprobs_match_full_forward(llama):
+  # Sampled (not argmax) continuations of left-padded prompts of different
+  # lengths: the cached path must see the same positions and masks.
+  model, params = llama
+  batch = _left_padded([5, 1, 3], 5, LLAMA.vocab_size, seed=2)
+  config = sampling.SampleConfig(max_new_tokens=6, return_logprobs=True)
+  out = _sample(model, params, batch, jax.random.key(4), config)
+  np.testing.assert_allclose(
+      out.logprobs, _forward_logprobs(model, params, batch, out.tokens, out.mask),
+      atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def llama_eos(llama):
+  """The tiny Llama with an EOS id that some row emits greedily mid-way,
+  plus left-padded prompts and their EOS-free greedy outputs [B, 6]."""
+  model, params = llama
+  batch = _left_padded([4, 2, 3], 4, LLAMA.vocab_size, seed=3)
+  free = _greedy_by_full_forward(model, params, batch, 6)
+  eos = next(tok for row in free for t, tok in enumerate(row[1:5], 1)
+             if tok not in row[:t])
+  eos_model = decoder.DecoderModel(dataclasses.replace(LLAMA, eos_id=int(eos)))
+  return eos_model, params, batch, free
+
+
+def test_llama_eos_stops_each_row(llama_eos):
+  model, params, batch, free = llama_eos
+  out = _sample(model, params, batch, jax.random.key(0), _GREEDY)
+  tokens, mask = _stop_at_eos(free, model.eos_id)
+  np.testing.assert_array_equal(out.tokens, tokens)
+  np.testing.assert_array_equal(out.mask, mask)
+  assert 1 < out.mask.sum(axis=1).min() < 6  # a row stopped mid-way
+
+
+@pytest.mark.parametrize("tau", [0.5, 1.0, 2.0])
+def test_llama_first_token_frequencies_match_softmax(llama, tau):
+  model, params = llama
+  # Scale the final norm (so the logits) to get a peaked distribution that
+  # tells temperatures apart.
+  prompt = _left_padded([3], 3, LLAMA.vocab_size, seed=4)
+  first_logits = lambda p: np.asarray(model.logits(
+      p, {**prompt, "target_tokens": jnp.zeros((1, 1), jnp.int32)})[0, 0])
+  scale = 2.0 / first_logits(params).std()  # logits with standard deviation 2
+  params = {**params, "final_norm": {"scale": params["final_norm"]["scale"] * scale}}
+  logits = first_logits(params)
+  batch = jax.tree.map(lambda x: jnp.repeat(x, _DRAWS, axis=0), prompt)
+  config = sampling.SampleConfig(max_new_tokens=1, temperature=tau)
+  out = _sample(model, params, batch, jax.random.key(int(tau * 10)), config)
+  tokens = np.asarray(out.tokens[:, 0])
+  assert _chi2_pvalue(tokens, _softmax(logits / tau)) > 1e-3
+  assert _chi2_pvalue(tokens, _softmax(logits / (tau * 1.25))) < 1e-6
+
+
+@pytest.mark.parametrize("rules,sizes", [
+    ("data", dict(data=8)), ("fsdp_tp", dict(data=2, fsdp=2, tensor=2))])
+def test_same_tokens_on_one_and_eight_devices(llama, rules, sizes):
+  model, params = llama
+  batch = _left_padded([5, 1, 3, 2, 5, 4, 1, 2], 5, LLAMA.vocab_size, seed=5)
+  config = sampling.SampleConfig(max_new_tokens=8, temperature=1.3, top_k=40,
+                                 top_p=0.95, return_logprobs=True)
+  rng = jax.random.key(7)
+  one = _sample(model, params, batch, rng, config)
+
+  mesh = partitioning.make_mesh(**sizes)
+  axis_rules = partitioning.standard_logical_axis_rules(rules)
+  boxed = jax.eval_shape(model.init, rng, batch)
+  p_shard = partitioning.param_shardings(boxed, mesh, axis_rules)
+  b_shard = partitioning.logical_sharding(mesh, axis_rules, "activation_batch",
+                                          None)
+  with partitioning.activation_sharding(mesh, axis_rules):
+    fn = jax.jit(lambda p, b, r: sampling.sample(model, p, b, r, config),
+                 in_shardings=(p_shard, b_shard, None))
+    eight = fn(jax.device_put(params, p_shard), jax.device_put(batch, b_shard),
+               rng)
+  assert eight.tokens.sharding.num_devices == 8
+  assert not eight.tokens.sharding.is_fully_replicated
+  np.testing.assert_array_equal(eight.tokens, one.tokens)
+  np.testing.assert_array_equal(eight.mask, one.mask)
+  np.testing.assert_allclose(eight.logprobs, one.logprobs, atol=1e-4)
+
+
+def test_llama_beam_search(llama_eos):
+  model, params, batch, _ = llama_eos
+  greedy = _sample(model, params, batch, jax.random.key(0), _GREEDY)
+  one = _beam(model, params, batch, sampling.BeamConfig(6, num_beams=1, alpha=0))
+  np.testing.assert_array_equal(one[0], greedy.tokens)
+  np.testing.assert_array_equal(one[1], greedy.mask)
+  alpha = 0.6
+  tokens, mask, score = _beam(model, params, batch,
+                              sampling.BeamConfig(6, num_beams=4, alpha=alpha))
+  g_score = sampling.sequence_score(greedy.logprobs, greedy.mask, alpha)
+  assert (score >= g_score - 1e-4).all()
+  logp = _forward_logprobs(model, params, batch, tokens)
+  np.testing.assert_allclose(sampling.sequence_score(logp, mask, alpha), score,
+                             atol=1e-4)

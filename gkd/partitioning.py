@@ -144,7 +144,8 @@ def param_shardings(boxed: Any, mesh: Mesh, rules: Rules) -> Any:
   """
   specs = nn.get_partition_spec(boxed)
   shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
-  shapes = nn.unbox(boxed)
+  shapes = jax.tree.map(lambda x: x.value, boxed,  # not nn.unbox: that adds constraints
+                        is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
   return jax.tree.map(
       lambda s, x: NamedSharding(mesh, _fit_spec(s.spec, x.shape, mesh)),
       shardings, shapes, is_leaf=lambda x: isinstance(x, NamedSharding))

@@ -15,6 +15,7 @@ from gkd import errors
 from gkd import partitioning
 from gkd import sampling
 from gkd.models import decoder
+from gkd.models import t5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -454,4 +455,33 @@ def test_llama_beam_search(llama_eos):
   assert (score >= g_score - 1e-4).all()
   logp = _forward_logprobs(model, params, batch, tokens)
   np.testing.assert_allclose(sampling.sequence_score(logp, mask, alpha), score,
+                             atol=1e-4)
+
+
+T5 = t5.T5Config(vocab_size=128, embed_dim=32, mlp_dim=64, num_encoder_layers=2,
+                 num_decoder_layers=2, num_heads=4, head_dim=8, relpos_buckets=8,
+                 relpos_max_distance=16, dtype="float32")
+
+
+def test_t5_greedy_and_beams_equal_full_forward_references():
+  model = t5.T5Model(T5)
+  batch = _left_padded([5, 2, 4], 5, T5.vocab_size, seed=7)
+  params = nn.unbox(model.init(
+      jax.random.key(1), {**batch, "target_tokens": jnp.zeros((3, 6), jnp.int32)}))
+  greedy = _sample(model, params, batch, jax.random.key(0), _GREEDY)
+  ref, ref_mask = _stop_at_eos(
+      _greedy_by_full_forward(model, params, batch, 6), model.eos_id)
+  np.testing.assert_array_equal(greedy.tokens, ref)
+  np.testing.assert_array_equal(greedy.mask, ref_mask)
+  np.testing.assert_allclose(
+      greedy.logprobs,
+      _forward_logprobs(model, params, batch, greedy.tokens, greedy.mask),
+      atol=1e-4)
+  # Beams reorder the encoder outputs and the self-attention cache.
+  tokens, mask, score = _beam(model, params, batch,
+                              sampling.BeamConfig(6, num_beams=3, alpha=0.6))
+  assert (score >= sampling.sequence_score(greedy.logprobs, greedy.mask, 0.6)
+          - 1e-4).all()
+  logp = _forward_logprobs(model, params, batch, tokens)
+  np.testing.assert_allclose(sampling.sequence_score(logp, mask, 0.6), score,
                              atol=1e-4)

@@ -2,11 +2,16 @@
 
 `chunked_map(fn, student, constants, chunk_size)` equals `fn(student,
 *constants)` row for row, but never holds more than one chunk of `fn`'s
-float32 `[chunk, vocab]` intermediates: the forward pass loops over chunks and
-keeps only the per-row outputs; the backward pass recomputes each chunk's VJP
-and writes its rows of the gradient. Chunks are dynamic slices of the
+float32 `[chunk, vocab]` intermediates. Chunks are dynamic slices of the
 original arrays (no padded copy); the last chunk is shifted back to end at
 row N and overlaps its neighbour, whose rows it recomputes identically.
+
+Gradients: because every output row depends on its own input row only, the
+forward pass of a differentiated call also computes each row's gradient
+d out_i / d student_i (one fused pass per chunk) and keeps it as the only
+residual, in the student's dtype; the backward pass scales it by the
+cotangent. No forward work is repeated. Functions with several outputs
+(a pytree) instead recompute each chunk's VJP in the backward pass.
 """
 
 from typing import Callable
@@ -59,11 +64,35 @@ def chunked_map(fn: Callable[..., object], student: Array,
   def mapped(s, consts):
     return forward(s, consts)
 
+  single = not isinstance(jax.eval_shape(fn, student[:1], *(c[:1] for c in constants)),
+                          (tuple, list, dict))
+
+  def row_grads(s, consts):
+    """Per-row values [N] and gradients d value_i / d s_i [N, V]."""
+    def body(i, carry):
+      out, grad = carry
+      st = start_of(i)
+      cs = tuple(_take(c, st, chunk) for c in consts)
+      vals, vjp = jax.vjp(lambda x: fn(x, *cs), _take(s, st, chunk))
+      (g,) = vjp(jnp.ones_like(vals))
+      return (jax.lax.dynamic_update_slice_in_dim(out, vals, st, 0),
+              jax.lax.dynamic_update_slice_in_dim(grad, g, st, 0))
+
+    out_shape = jax.eval_shape(fn, s[:chunk], *(c[:chunk] for c in consts))
+    init = (jnp.zeros((n,), out_shape.dtype), jnp.zeros_like(s))
+    return jax.lax.fori_loop(0, num, body, init)
+
   def fwd(s, consts):
-    return forward(s, consts), (s, consts)
+    if single:
+      out, grad = row_grads(s, consts)
+      return out, (grad, None, None)
+    return forward(s, consts), (None, s, consts)
 
   def bwd(res, cotangent):
-    s, consts = res
+    grad, s, consts = res
+    none = tuple(None for _ in constants)
+    if single:
+      return (grad * cotangent[:, None].astype(grad.dtype)), none
 
     def body(i, grad):
       st = start_of(i)
@@ -73,8 +102,7 @@ def chunked_map(fn: Callable[..., object], student: Array,
       (g,) = vjp(ct)
       return jax.lax.dynamic_update_slice_in_dim(grad, g, st, 0)
 
-    grad = jax.lax.fori_loop(0, num, body, jnp.zeros_like(s))
-    return grad, jax.tree.map(lambda _: None, consts)
+    return jax.lax.fori_loop(0, num, body, jnp.zeros_like(s)), none
 
   mapped.defvjp(fwd, bwd)
   return mapped(student, tuple(constants))

@@ -29,9 +29,10 @@ class _PythonTfVocabulary(seqio.Vocabulary):
   """TF methods that call the Python ones (1-D ids, scalar strings)."""
 
   def _encode_tf(self, s: tf.Tensor) -> tf.Tensor:
-    ids = tf.numpy_function(
-        lambda b: np.asarray(self._encode(b.decode("utf-8")), np.int32),
-        [s], tf.int32, stateful=False)
+    def encode(b):  # a bytes scalar, as a 0-d array in eager mode
+      return np.asarray(self._encode(np.asarray(b).item().decode("utf-8")),
+                        np.int32)
+    ids = tf.numpy_function(encode, [s], tf.int32, stateful=False)
     return tf.ensure_shape(ids, [None])
 
   def _decode_tf(self, ids: tf.Tensor) -> tf.Tensor:

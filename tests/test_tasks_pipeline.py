@@ -156,3 +156,34 @@ def test_unknown_task_and_split_are_user_errors(vocab, small):
     tasks.get_task("no_such_task", vocab)
   with pytest.raises(UserError, match="no split"):
     next(tasks.batch_iterator(small, "dev", batch_size=2, seed=0, **LENGTHS))
+
+
+def test_streaming_backend_is_seeded_and_resumable(small):
+  make = lambda seed=5: tasks.batch_iterator(
+      small, "train", batch_size=4, seed=seed, in_memory=False, **LENGTHS)
+  it = make()
+  assert it.state()["backend"] == "TfStream"
+  batches = _drain(it, 5)  # 20 examples: two shuffled epochs
+  rows = [tuple(r) for b in batches for r in b["target_tokens"]]
+  assert len(set(rows[:10])) == 10 and set(rows[:10]) == set(rows[10:])
+  assert rows[:10] != rows[10:]
+  assert all(_same(a, b) for a, b in zip(batches, _drain(make(), 5)))
+  assert not _same(batches[0], next(make(seed=6)))
+  for skip in (1, 2, 3):
+    state = json.loads(json.dumps(_drain_state(make(), skip)))
+    resumed = make()
+    resumed.restore(state)
+    assert all(_same(a, b) for a, b in zip(batches[skip:], _drain(resumed, 2)))
+
+
+def _drain_state(it, n):
+  _drain(it, n)
+  return it.state()
+
+
+def test_unshuffled_backends_agree(small):
+  kwargs = dict(batch_size=5, seed=0, shuffle=False, repeat=False, **LENGTHS)
+  memory = list(tasks.batch_iterator(small, "train", in_memory=True, **kwargs))
+  stream = list(tasks.batch_iterator(small, "train", in_memory=False, **kwargs))
+  assert len(memory) == len(stream) == 2
+  assert all(_same(a, b) for a, b in zip(memory, stream))

@@ -184,23 +184,28 @@ def stream_settings(max_in_memory_examples: int = 200_000,
   return max_in_memory_examples, shuffle_buffer_size
 
 
-def _stream(task: seqio.Task, split: str, seed: int, shuffle: bool):
+def _stream(task: seqio.Task, split: str, seed: int, shuffle: bool,
+            in_memory: Optional[bool]):
   max_examples, buffer_size = stream_settings()
-  size = task.num_input_examples(split) if split in task.splits else None
-  if size is not None and size > max_examples:
-    return _TfStream(task, split, seed, shuffle, buffer_size)
-  return _MemoryStream(materialise(task.name, split), seed, shuffle)
+  if in_memory is None:
+    size = task.num_input_examples(split) if split in task.splits else None
+    in_memory = size is None or size <= max_examples
+  if in_memory:
+    return _MemoryStream(materialise(task.name, split), seed, shuffle)
+  return _TfStream(task, split, seed, shuffle, buffer_size)
 
 
 def batch_iterator(task, split: str, *, input_length: int, target_length: int,
                    batch_size: int, seed: int, shard_index: int = 0,
                    num_shards: int = 1, repeat: bool = True,
-                   shuffle: Optional[bool] = None) -> BatchIterator:
+                   shuffle: Optional[bool] = None,
+                   in_memory: Optional[bool] = None) -> BatchIterator:
   """Training batches of a task (a seqio Task or registered name).
 
   batch_size is global; this shard gets batch_size // num_shards rows.
   shuffle defaults to `repeat` (training); without repeat the iterator stops
-  at the end of the split, dropping a last partial batch.
+  at the end of the split, dropping a last partial batch. in_memory: None
+  picks by split size (see stream_settings), True/False forces a backend.
   """
   task = registry.resolve(task)
   shuffle = repeat if shuffle is None else shuffle
@@ -208,9 +213,11 @@ def batch_iterator(task, split: str, *, input_length: int, target_length: int,
   converter = features.converter_for(
       vocab, input_length, target_length,
       keep_input_end=registry.spec_of(task).keep_input_end)
+  stream = _stream(task, split, seed, shuffle, in_memory)
   identity = dict(task=task.name, split=split, seed=int(seed),
-                  shuffle=bool(shuffle), batch_size=int(batch_size))
-  return BatchIterator(_stream(task, split, seed, shuffle), converter,
+                  shuffle=bool(shuffle), batch_size=int(batch_size),
+                  backend=type(stream).__name__.strip("_"))
+  return BatchIterator(stream, converter,
                        batch_size=batch_size, shard_index=shard_index,
                        num_shards=num_shards, repeat=repeat, identity=identity)
 

@@ -136,6 +136,16 @@ def _fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> Partitio
   return PartitionSpec(*fitted)
 
 
+def strip_boxes(boxed: Any) -> Any:
+  """The values inside `nn.Partitioned` boxes.
+
+  Unlike `nn.unbox`, adds no sharding constraint under a mesh context, so it
+  also works on ShapeDtypeStructs there.
+  """
+  return jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, boxed,
+                      is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
 def param_shardings(boxed: Any, mesh: Mesh, rules: Rules) -> Any:
   """NamedShardings for a boxed (abstract or concrete) params pytree.
 
@@ -144,8 +154,7 @@ def param_shardings(boxed: Any, mesh: Mesh, rules: Rules) -> Any:
   """
   specs = nn.get_partition_spec(boxed)
   shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
-  shapes = jax.tree.map(lambda x: x.value, boxed,  # not nn.unbox: that adds constraints
-                        is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  shapes = strip_boxes(boxed)
   return jax.tree.map(
       lambda s, x: NamedSharding(mesh, _fit_spec(s.spec, x.shape, mesh)),
       shardings, shapes, is_leaf=lambda x: isinstance(x, NamedSharding))

@@ -14,7 +14,6 @@ import math
 import os
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -120,7 +119,7 @@ def load_hf(path: str, *, dtype: str = 'bfloat16', param_dtype: str = 'float32',
   config = hf_maps.config_from_hf(hf_config, set(files), dtype=dtype, param_dtype=param_dtype)
   model = registry.build_model(config)
   abstract = abstract_params(model)
-  shapes = nn.unbox(abstract)
+  shapes = partitioning.strip_boxes(abstract)
   if mesh is not None:
     shardings = partitioning.param_shardings(
         abstract, mesh, rules if rules is not None else partitioning.fsdp_rules())
@@ -146,10 +145,9 @@ def load_hf(path: str, *, dtype: str = 'bfloat16', param_dtype: str = 'float32',
 
 def save_hf(model: Model, params: Params, path: str) -> None:
   """Writes config.json + model.safetensors (param dtype) that `transformers` loads."""
-  if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
-    raise UserError(f'{path} exists and is not empty; choose a new destination.')
+  registry.check_new_destination(path)
   config = model.config
-  params = nn.unbox(params)
+  params = partitioning.strip_boxes(params)
   tensors = {}
   for name, ours, kind in hf_maps.tensor_table(config):
     tensors[name] = to_hf_tensor(kind, np.asarray(jax.device_get(_get(params, ours))))

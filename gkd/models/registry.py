@@ -55,6 +55,12 @@ def config_from_dict(d: dict[str, Any]) -> Config:
   return config_cls(**d)
 
 
+def check_new_destination(path: str) -> None:
+  """Raises UserError unless `path` is absent or an empty directory."""
+  if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+    raise UserError(f'{path} exists and is not empty; choose a new destination.')
+
+
 def save_model_config(config: Config, path: str) -> None:
   with open(path, 'w') as f:
     json.dump(config_to_dict(config), f, indent=2, sort_keys=True)

@@ -312,7 +312,8 @@ def _left_padded(lengths, input_len, vocab, seed=0):
 @pytest.fixture(scope="module")
 def llama():
   model = decoder.DecoderModel(LLAMA)
-  params = nn.unbox(model.init(jax.random.key(0), _left_padded([2], 2, 128)))
+  init = jax.jit(lambda r, b: nn.unbox(model.init(r, b)))
+  params = init(jax.random.key(0), _left_padded([2], 2, 128))
   return model, params
 
 
@@ -346,19 +347,34 @@ def _forward_logprobs(model, params, batch, tokens, mask=None):
   return logp if mask is None else jnp.where(mask > 0, logp, 0.0)
 
 
-def test_llama_greedy_equals_argmax_of_full_forward_passes(llama):
-  model, params = llama
-  batch = _left_padded([6, 3, 1, 4], 6, LLAMA.vocab_size, seed=1)
-  config = sampling.SampleConfig(max_new_tokens=7, temperature=0.0,
-                                 return_logprobs=True)
+def _check_greedy(model, params, batch, config):
+  """Greedy `sample` == argmax of full forward passes, EOS applied; returns it."""
   out = _sample(model, params, batch, jax.random.key(0), config)
-  ref, ref_mask = _stop_at_eos(
-      _greedy_by_full_forward(model, params, batch, 7), model.eos_id)
+  ref, ref_mask = _stop_at_eos(_greedy_by_full_forward(
+      model, params, batch, config.max_new_tokens), model.eos_id)
   np.testing.assert_array_equal(out.tokens, ref)
   np.testing.assert_array_equal(out.mask, ref_mask)
   np.testing.assert_allclose(
       out.logprobs, _forward_logprobs(model, params, batch, out.tokens, out.mask),
       atol=1e-4)
+  return out
+
+
+def _check_beams(model, params, batch, greedy, config):
+  """The best beam scores >= greedy, and its score is that of its tokens."""
+  tokens, mask, score = _beam(model, params, batch, config)
+  g_score = sampling.sequence_score(greedy.logprobs, greedy.mask, config.alpha)
+  assert (score >= g_score - 1e-4).all()
+  logp = _forward_logprobs(model, params, batch, tokens)
+  np.testing.assert_allclose(
+      sampling.sequence_score(logp, mask, config.alpha), score, atol=1e-4)
+
+
+def test_llama_greedy_equals_argmax_of_full_forward_passes(llama):
+  model, params = llama
+  batch = _left_padded([6, 3, 1, 4], 6, LLAMA.vocab_size, seed=1)
+  _check_greedy(model, params, batch, sampling.SampleConfig(
+      max_new_tokens=7, temperature=0.0, return_logprobs=True))
 
 
 def test_llama_sampled_logprobs_match_full_forward(llama):
@@ -448,14 +464,8 @@ def test_llama_beam_search(llama_eos):
   one = _beam(model, params, batch, sampling.BeamConfig(6, num_beams=1, alpha=0))
   np.testing.assert_array_equal(one[0], greedy.tokens)
   np.testing.assert_array_equal(one[1], greedy.mask)
-  alpha = 0.6
-  tokens, mask, score = _beam(model, params, batch,
-                              sampling.BeamConfig(6, num_beams=4, alpha=alpha))
-  g_score = sampling.sequence_score(greedy.logprobs, greedy.mask, alpha)
-  assert (score >= g_score - 1e-4).all()
-  logp = _forward_logprobs(model, params, batch, tokens)
-  np.testing.assert_allclose(sampling.sequence_score(logp, mask, alpha), score,
-                             atol=1e-4)
+  _check_beams(model, params, batch, greedy,
+               sampling.BeamConfig(6, num_beams=4, alpha=0.6))
 
 
 T5 = t5.T5Config(vocab_size=128, embed_dim=32, mlp_dim=64, num_encoder_layers=2,
@@ -466,22 +476,10 @@ T5 = t5.T5Config(vocab_size=128, embed_dim=32, mlp_dim=64, num_encoder_layers=2,
 def test_t5_greedy_and_beams_equal_full_forward_references():
   model = t5.T5Model(T5)
   batch = _left_padded([5, 2, 4], 5, T5.vocab_size, seed=7)
-  params = nn.unbox(model.init(
-      jax.random.key(1), {**batch, "target_tokens": jnp.zeros((3, 6), jnp.int32)}))
-  greedy = _sample(model, params, batch, jax.random.key(0), _GREEDY)
-  ref, ref_mask = _stop_at_eos(
-      _greedy_by_full_forward(model, params, batch, 6), model.eos_id)
-  np.testing.assert_array_equal(greedy.tokens, ref)
-  np.testing.assert_array_equal(greedy.mask, ref_mask)
-  np.testing.assert_allclose(
-      greedy.logprobs,
-      _forward_logprobs(model, params, batch, greedy.tokens, greedy.mask),
-      atol=1e-4)
+  init = jax.jit(lambda r, b: nn.unbox(model.init(r, b)))
+  params = init(jax.random.key(1),
+                {**batch, "target_tokens": jnp.zeros((3, 6), jnp.int32)})
+  greedy = _check_greedy(model, params, batch, _GREEDY)
   # Beams reorder the encoder outputs and the self-attention cache.
-  tokens, mask, score = _beam(model, params, batch,
-                              sampling.BeamConfig(6, num_beams=3, alpha=0.6))
-  assert (score >= sampling.sequence_score(greedy.logprobs, greedy.mask, 0.6)
-          - 1e-4).all()
-  logp = _forward_logprobs(model, params, batch, tokens)
-  np.testing.assert_allclose(sampling.sequence_score(logp, mask, 0.6), score,
-                             atol=1e-4)
+  _check_beams(model, params, batch, greedy,
+               sampling.BeamConfig(6, num_beams=3, alpha=0.6))

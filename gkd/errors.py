@@ -9,3 +9,14 @@ It subclasses `ValueError` so library callers can catch the usual type.
 
 class UserError(ValueError):
   """A mistake in the user's input; the message says what and how to fix it."""
+
+
+class RunStopped(Exception):
+  """A run ended early on purpose (preemption, non-finite loss); not a bug.
+
+  `gkd.main` prints the message as one line and exits with `exit_code`.
+  """
+
+  def __init__(self, message: str, exit_code: int = 1):
+    super().__init__(message)
+    self.exit_code = exit_code

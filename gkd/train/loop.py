@@ -1,0 +1,323 @@
+"""The run: set up (validate everything, then touch the model directory), train, evaluate.
+
+`run(mode)` is what `python -m gkd.main` calls. Everything that can be wrong
+with the input (Gin values, data files, checkpoints, vocabularies, a model
+directory holding another model) is checked before anything is written.
+
+Model directory layout:
+    config.gin        the operative Gin config
+    run.json          what this directory trains (checked on restart)
+    checkpoints/      Orbax: <step>/{state, data}
+    train/, eval/     TensorBoard events
+    export/           the final student (gkd checkpoint: model_config.json + params)
+    results.json      final eval metrics and a config summary
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import time
+from typing import Any, Optional
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+from jax.sharding import NamedSharding, PartitionSpec
+
+from gkd import models, partitioning, tasks
+from gkd.errors import RunStopped, UserError
+from gkd.models import registry
+from gkd.train import checkpoints, evaluation, optimizer, step as step_lib
+from gkd.train.sources import ModelSource
+
+MODES = ("train", "eval", "train_and_eval")
+
+
+@gin.configurable(module="gkd.train")
+@dataclasses.dataclass(frozen=True)
+class Parallelism:
+  """The device mesh and the logical-axis rule set ('data', 'fsdp' or 'fsdp_tp')."""
+
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+  rules: str = "data"
+
+  def mesh_and_rules(self):
+    return (partitioning.make_mesh(self.data, self.fsdp, self.tensor),
+            partitioning.standard_logical_axis_rules(self.rules))
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything a run needs, built and validated before the model directory is touched."""
+
+  model_dir: str
+  data: dict
+  mesh: Any
+  rules: Any
+  student: Any
+  params: Any
+  param_shardings: Any
+  teacher: Any
+  teacher_params: Any
+  teacher_shardings: Any
+  iterator: Any
+  fingerprint: dict
+
+
+def _global_batch(local: dict, sharding) -> dict:
+  """This process's rows -> global arrays sharded over the batch axes."""
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local.items()}
+
+
+def _check_models(student, teacher, vocab) -> None:
+  size = vocab.vocab_size
+  for role, model in (("student", student), ("teacher", teacher)):
+    if model is None:
+      continue
+    if model.vocab_size < size:
+      raise UserError(f"the {role} has {model.vocab_size} output ids but the task's vocabulary "
+                      f"has {size}; use a model whose vocab_size is at least {size}")
+    if model.eos_id != vocab.eos_id:
+      raise UserError(f"the {role}'s eos_id is {model.eos_id} but the vocabulary's is "
+                      f"{vocab.eos_id}; set the model config's eos_id = {vocab.eos_id}")
+  if teacher is not None and teacher.vocab_size != student.vocab_size:
+    raise UserError(f"teacher and student vocabularies differ ({teacher.vocab_size} vs "
+                    f"{student.vocab_size} ids); distil between models that share one "
+                    "tokenizer and vocabulary size")
+
+
+def _check_model_dir(model_dir: str, fingerprint: dict) -> None:
+  path = os.path.join(model_dir, "run.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    previous = json.load(f)
+  for key in ("student", "task"):
+    if previous.get(key) != fingerprint[key]:
+      raise UserError(f"model directory {model_dir} holds a run with a different {key} "
+                      f"({json.dumps(previous.get(key))[:120]}); choose a new --gin.MODEL_DIR "
+                      "or configure the same model and task to resume it")
+
+
+def setup(model_dir: str, student: ModelSource, teacher: Optional[ModelSource],
+          method: step_lib.Method, seed: int) -> Setup:
+  """Builds mesh, data, student and teacher; raises UserError on any bad input."""
+  if not model_dir:
+    raise UserError("MODEL_DIR is not set; pass --gin.MODEL_DIR=\"'/path/to/run'\"")
+  if method.needs_teacher and teacher is None:
+    raise UserError("the gkd objective needs a teacher; bind `train.teacher = "
+                    "@teacher/gkd.train.ModelSource()` or use objective='sft'")
+  data = dict(tasks.data_config())
+  mesh, rules = Parallelism().mesh_and_rules()
+  vocab = tasks.get_vocabulary()
+  task = tasks.get_task(data["name"], vocab)
+  iterator = tasks.batch_iterator(
+      task, data["train_split"], input_length=data["input_length"],
+      target_length=data["target_length"], batch_size=data["batch_size"], seed=seed,
+      shard_index=jax.process_index(), num_shards=jax.process_count())
+  example = next(tasks.batch_iterator(  # reads the data now: a broken file fails here
+      task, data["train_split"], input_length=data["input_length"],
+      target_length=data["target_length"], batch_size=data["batch_size"], seed=seed))
+  k_student, k_teacher = jax.random.split(jax.random.PRNGKey(seed))
+  student_model, params, param_sh = student.load(k_student, example, mesh, rules)
+  teacher_model = teacher_params = teacher_sh = None
+  if method.needs_teacher:
+    teacher_model, teacher_params, teacher_sh = teacher.load(k_teacher, example, mesh, rules)
+  _check_models(student_model, teacher_model, tasks.vocabulary_of(task))
+  fingerprint = dict(student=registry.config_to_dict(student_model.config), task=data["name"],
+                     teacher=teacher.describe() if teacher_model else None)
+  _check_model_dir(model_dir, fingerprint)
+  return Setup(model_dir, data, mesh, rules, student_model, params, param_sh, teacher_model,
+               teacher_params, teacher_sh, iterator, fingerprint)
+
+
+def _init_state(s: Setup, tx, seed: int):
+  """The train state and its shardings (optimizer state sharded like the params)."""
+  replicated = NamedSharding(s.mesh, PartitionSpec())
+  abstract_opt = jax.eval_shape(tx.init, s.params)
+  opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract_opt, s.param_shardings,
+                                 transform_non_params=lambda _: replicated)
+  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(s.params)
+  rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1)  # the sampling key
+  state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=s.params,
+                              opt_state=opt_state, rng=rng)
+  shardings = step_lib.TrainState(step=replicated, params=s.param_shardings,
+                                  opt_state=opt_sh, rng=replicated)
+  return jax.device_put(state, shardings), shardings
+
+
+def _write_json(path: str, obj: Any) -> None:
+  if jax.process_index() != 0:
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=str)
+  os.replace(tmp, path)
+
+
+class _Writer:
+  """TensorBoard scalars from the first process only."""
+
+  def __init__(self, path: str):
+    self._writer = None
+    if jax.process_index() == 0:
+      import tensorboardX  # pylint: disable=g-import-not-at-top
+      self._writer = tensorboardX.SummaryWriter(path)
+
+  def scalars(self, step: int, values: dict) -> None:
+    if self._writer:
+      for k, v in values.items():
+        self._writer.add_scalar(k, float(v), step)
+      self._writer.flush()
+
+
+class _Sigterm:
+  """Records SIGTERM (a TPU VM preemption notice) so the loop can checkpoint and exit."""
+
+  def __init__(self):
+    self.received = False
+    signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, *_):
+    self.received = True
+
+
+def _evaluate(s: Setup, model, params, tag: str, step: int) -> dict:
+  metrics, examples = evaluation.evaluate(model, params, s.data, evaluation.EvalConfig(),
+                                          s.mesh, s.rules)
+  _Writer(os.path.join(s.model_dir, tag)).scalars(step, metrics)
+  _write_json(os.path.join(s.model_dir, f"{tag}_predictions.json"), examples[:50])
+  return metrics
+
+
+def _train(s: Setup, method, num_steps: int, seed: int, log_every: int, eval_every: int,
+           ckpt: checkpoints.Checkpointer) -> tuple[Any, dict]:
+  tx = optimizer.optimizer()
+  state, state_sh = _init_state(s, tx, seed)
+  start = ckpt.latest_step()
+  if start is not None:
+    state, data_state = ckpt.restore(start, checkpoints.abstract_like(state, state_sh))
+    s.iterator.restore(data_state)
+  start = start or 0
+  batch_sh = partitioning.logical_sharding(s.mesh, s.rules, "activation_batch", None)
+  step_fn = step_lib.make_train_step(s.student, s.teacher, tx, method)
+  with partitioning.activation_sharding(s.mesh, s.rules):
+    train_step = jax.jit(step_fn, in_shardings=(state_sh, s.teacher_shardings, batch_sh),
+                         out_shardings=(state_sh, None), donate_argnums=(0,))
+  writer, sigterm = _Writer(os.path.join(s.model_dir, "train")), _Sigterm()
+  summary = dict(on_policy_steps=0, steps=0, skipped_steps=0, tokens=0.0, seconds=0.0)
+  bar = tqdm.tqdm(range(start, num_steps), initial=start, total=num_steps, desc="train",
+                  disable=jax.process_index() != 0, dynamic_ncols=True)
+  for step in bar:
+    batch = _global_batch(next(s.iterator), batch_sh)
+    began = time.perf_counter()
+    with partitioning.activation_sharding(s.mesh, s.rules):
+      state, metrics = train_step(state, s.teacher_params, batch)
+    metrics = jax.device_get(metrics)
+    seconds = time.perf_counter() - began
+    if not metrics["finite"]:
+      last = ckpt.latest_step()
+      if method.on_nonfinite == "stop":
+        raise RunStopped(f"non-finite loss at step {step}; the parameters were not updated and "
+                         f"no checkpoint was written; last good checkpoint: step {last} in "
+                         f"{s.model_dir}/checkpoints", exit_code=3)
+      summary["skipped_steps"] += 1
+    summary["steps"] += 1
+    summary["on_policy_steps"] += int(metrics["on_policy"])
+    if step > start:  # the first step includes compilation
+      summary["tokens"] += float(metrics["target_tokens"])
+      summary["seconds"] += seconds
+    metrics["on_policy_fraction"] = summary["on_policy_steps"] / summary["steps"]
+    metrics["tokens_per_sec"] = float(metrics["target_tokens"]) / max(seconds, 1e-9)
+    if step % log_every == 0 or step == num_steps - 1:
+      writer.scalars(step + 1, metrics)
+      bar.set_postfix(loss=f"{metrics['loss']:.4f}", on_policy=f"{metrics['on_policy_fraction']:.2f}")
+    eval_metrics = None
+    if eval_every and (step + 1) % eval_every == 0 and step + 1 < num_steps:
+      eval_metrics = _evaluate(s, s.student, state.params, "eval", step + 1)
+    ckpt.save(step + 1, state, s.iterator.state(), metrics=eval_metrics,
+              force=eval_metrics is not None)
+    if sigterm.received:
+      ckpt.save(step + 1, state, s.iterator.state(), force=True)
+      ckpt.wait()
+      raise RunStopped(f"SIGTERM at step {step + 1}: checkpoint saved in {s.model_dir}/"
+                       "checkpoints; run the same command again to resume", exit_code=143)
+  return state, summary
+
+
+def _export(path: str, model, params) -> None:
+  """Writes the final student as a gkd checkpoint, atomically (tmp dir, then rename)."""
+  if os.path.exists(path):
+    return
+  tmp = path + ".tmp"
+  if jax.process_index() == 0 and os.path.exists(tmp):
+    shutil.rmtree(tmp)
+  models.save_model(tmp, model, params)
+  if jax.process_index() == 0:
+    os.replace(tmp, path)
+
+
+@gin.configurable(module="gkd.train")
+def train(mode: str = "train", *, model_dir: str = gin.REQUIRED,
+          student: ModelSource = gin.REQUIRED, teacher: Optional[ModelSource] = None,
+          method: Optional[step_lib.Method] = None, num_steps: int = 100, seed: int = 0,
+          log_every: int = 10, eval_every: int = 0) -> dict:
+  """Runs `mode` ('train', 'eval' or 'train_and_eval'); returns results.json's content."""
+  if mode not in MODES:
+    raise UserError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+  if not (isinstance(num_steps, int) and num_steps >= 0):
+    raise UserError(f"num_steps={num_steps!r} must be an integer >= 0")
+  method = method or step_lib.Method()
+  options = checkpoints.checkpoint_options()
+  evaluation.EvalConfig()  # validate now
+  s = setup(model_dir, student, teacher, method, seed)
+
+  os.makedirs(model_dir, exist_ok=True)
+  lock = checkpoints.ModelDirLock(model_dir)
+  lock.acquire()
+  ckpt = checkpoints.Checkpointer(model_dir, options)
+  try:
+    _write_json(os.path.join(model_dir, "run.json"), s.fingerprint)
+    if jax.process_index() == 0:
+      with open(os.path.join(model_dir, "config.gin"), "w") as f:
+        f.write(gin.operative_config_str())
+    results: dict = dict(mode=mode, model_dir=model_dir, config=dict(
+        s.fingerprint, method=dataclasses.asdict(method), data=s.data, num_steps=num_steps,
+        seed=seed, mesh=dict(s.mesh.shape), rules=Parallelism().rules))
+    params = s.params
+    if mode in ("train", "train_and_eval"):
+      state, summary = _train(s, method, num_steps, seed, log_every, eval_every, ckpt)
+      ckpt.save(num_steps, state, s.iterator.state(), force=True)
+      ckpt.wait()
+      params = state.params
+      _export(os.path.join(model_dir, "export"), s.student, params)
+      results["train"] = dict(
+          steps=int(state.step), on_policy_fraction=summary["on_policy_steps"] / max(summary["steps"], 1),
+          skipped_steps=summary["skipped_steps"],
+          tokens_per_sec=summary["tokens"] / max(summary["seconds"], 1e-9))
+    elif ckpt.latest_step() is not None:
+      state, state_sh = _init_state(s, optimizer.optimizer(), seed)
+      state, _ = ckpt.restore(ckpt.latest_step(), checkpoints.abstract_like(state, state_sh))
+      params = state.params
+    if mode in ("eval", "train_and_eval"):
+      step = ckpt.latest_step() or 0
+      results["step"] = step
+      results["eval"] = _evaluate(s, s.student, params, "eval", step)
+      if evaluation.EvalConfig().evaluate_teacher and s.teacher is not None:
+        results["teacher_eval"] = _evaluate(s, s.teacher, s.teacher_params, "teacher_eval", step)
+    _write_json(os.path.join(model_dir, "results.json"), results)
+    if jax.process_index() == 0:
+      with open(os.path.join(model_dir, "config.gin"), "w") as f:
+        f.write(gin.operative_config_str())
+    return results
+  finally:
+    ckpt.close()
+    lock.release()

@@ -144,17 +144,21 @@ def _top_p_filter(logits: Array, top_p: float) -> Array:
   return jnp.where(logits < threshold, _NEG_INF, logits)
 
 
-def _choose(logits: Array, rng: Array, config: SampleConfig) -> tuple[Array, Array]:
-  """Picks one token per row: (int32[B], its log-probability float32[B])."""
+def _choose(logits: Array, rng: Array, config: SampleConfig
+            ) -> tuple[Array, Optional[Array]]:
+  """Picks one token per row: int32[B], and its log-probability float32[B]
+  if `config.return_logprobs` (else None)."""
   if config.is_greedy:
     # The greedy "distribution" is a point mass; report the model's own
     # (temperature 1) log-probability instead, which is what scores compare.
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    token = jnp.argmax(logits, axis=-1)
+    logits = logits.astype(jnp.float32)
+    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   else:
-    logp = jax.nn.log_softmax(adjust_logits(logits, config), axis=-1)
-    token = jax.random.categorical(rng, logp, axis=-1)
-  token = token.astype(jnp.int32)
+    logits = adjust_logits(logits, config)
+    token = jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+  if not config.return_logprobs:
+    return token, None
+  logp = jax.nn.log_softmax(logits, axis=-1)
   return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
 
 
@@ -164,7 +168,7 @@ class _SampleState:
   token: Array  # int32[B] last token fed (first: model's start/last prompt token)
   cache: Any  # the model's decoding cache, batch-leading leaves
   tokens: Array  # int32[B, N] chosen tokens so far, 0 beyond `length`
-  logprobs: Array  # float32[B, N] their log-probabilities (0 when not kept)
+  logprobs: Optional[Array]  # float32[B, N] their log-probs (0 when not kept)
   length: Array  # int32[B] tokens kept per row (EOS included)
   done: Array  # bool[B] the row has emitted EOS
 
@@ -191,7 +195,8 @@ def sample(model: api.Model, params: api.Params, batch: api.Batch, rng: Array,
   state = _SampleState(
       step=jnp.zeros((), jnp.int32), token=first.astype(jnp.int32), cache=cache,
       tokens=_batch_sharded(jnp.zeros((b, n), jnp.int32)),
-      logprobs=_batch_sharded(jnp.zeros((b, n), jnp.float32)),
+      logprobs=(_batch_sharded(jnp.zeros((b, n), jnp.float32))
+                if config.return_logprobs else None),
       length=jnp.zeros((b,), jnp.int32), done=jnp.zeros((b,), bool))
 
   def cond(s: _SampleState) -> Array:
@@ -201,11 +206,13 @@ def sample(model: api.Model, params: api.Params, batch: api.Batch, rng: Array,
     logits, cache = model.decode_step(params, s.cache, s.token)
     token, logp = _choose(logits, jax.random.fold_in(rng, s.step), config)
     token = jnp.where(s.done, 0, token)
-    logp = jnp.where(s.done, 0.0, logp)
+    if logp is not None:
+      logp = jnp.where(s.done, 0.0, logp)
+      logp = lax.dynamic_update_slice(s.logprobs, logp[:, None], (0, s.step))
     return _SampleState(
         step=s.step + 1, token=token, cache=cache,
         tokens=lax.dynamic_update_slice(s.tokens, token[:, None], (0, s.step)),
-        logprobs=lax.dynamic_update_slice(s.logprobs, logp[:, None], (0, s.step)),
+        logprobs=logp,
         length=s.length + (~s.done).astype(jnp.int32),
         done=s.done | (token == model.eos_id))
 
@@ -213,7 +220,7 @@ def sample(model: api.Model, params: api.Params, batch: api.Batch, rng: Array,
   mask = (jnp.arange(n)[None, :] < s.length[:, None]).astype(jnp.int32)
   return Samples(
       tokens=_batch_sharded(s.tokens), mask=_batch_sharded(mask),
-      logprobs=_batch_sharded(s.logprobs) if config.return_logprobs else None)
+      logprobs=None if s.logprobs is None else _batch_sharded(s.logprobs))
 
 
 # --------------------------------------------------------------- beam search

@@ -36,7 +36,7 @@ Rules = Sequence[tuple[str, Any]]
 _BATCH = ('data', 'fsdp')
 
 
-@gin.configurable
+@gin.configurable(module='partitioning')
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A ('data', 'fsdp', 'tensor') mesh over `devices` (default: all).
@@ -90,19 +90,19 @@ def _weight_rules(embed, tp) -> list[tuple[str, Any]]:
   ]
 
 
-@gin.configurable
+@gin.configurable(module='partitioning')
 def data_parallel_rules() -> list[tuple[str, Any]]:
   """Weights replicated; batch split over ('data', 'fsdp')."""
   return _weight_rules(None, None) + _activation_and_cache_rules(False)
 
 
-@gin.configurable
+@gin.configurable(module='partitioning')
 def fsdp_rules() -> list[tuple[str, Any]]:
   """Weights' 'embed' dimension split over 'fsdp' (ZeRO-3 style); batch over ('data', 'fsdp')."""
   return _weight_rules('fsdp', None) + _activation_and_cache_rules(False)
 
 
-@gin.configurable
+@gin.configurable(module='partitioning')
 def fsdp_tp_rules() -> list[tuple[str, Any]]:
   """FSDP plus Megatron-style tensor parallelism: heads, mlp and vocab over 'tensor'."""
   return _weight_rules('fsdp', 'tensor') + _activation_and_cache_rules(True)
@@ -115,7 +115,7 @@ RULE_SETS: dict[str, Callable[[], list[tuple[str, Any]]]] = {
 }
 
 
-@gin.configurable
+@gin.configurable(module='partitioning')
 def standard_logical_axis_rules(name: str = 'fsdp') -> list[tuple[str, Any]]:
   """The rule set called `name`: one of 'data', 'fsdp', 'fsdp_tp'."""
   if name not in RULE_SETS:

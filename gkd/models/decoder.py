@@ -16,7 +16,7 @@ from gkd.models.api import Batch, Cache, Params
 Array = jax.Array
 
 
-@gin.configurable
+@gin.configurable(module='models')
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
   """Sizes and options of a Llama/Qwen2-style decoder (defaults: a tiny test model)."""

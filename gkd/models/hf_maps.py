@@ -11,6 +11,7 @@ tensor becomes our parameter:
 from typing import Any
 
 from gkd.errors import UserError
+from gkd.models import layers
 from gkd.models.decoder import DecoderConfig
 from gkd.models.t5 import T5Config
 
@@ -154,7 +155,13 @@ def decoder_config_to_hf(cfg: DecoderConfig) -> dict[str, Any]:
 def t5_config_from_hf(d: dict[str, Any], tensor_names: set[str], **overrides) -> T5Config:
   proj = d.get('feed_forward_proj', 'relu')
   parts = proj.split('-')
-  activation = 'gelu_new' if proj == 'gated-gelu' else parts[-1]
+  # Some FLAN-T5 configs say feed_forward_proj "gelu" with is_gated_act true: trust the
+  # explicit fields when present.
+  gated = bool(d.get('is_gated_act', parts[0] == 'gated'))
+  activation = d.get('dense_act_fn') or ('gelu_new' if proj == 'gated-gelu' else parts[-1])
+  if activation not in layers.ACTIVATIONS:
+    raise UserError(f'config.json: activation {activation!r} is not supported; use one of '
+                    f'{sorted(layers.ACTIVATIONS)}.')
   # transformers < 5 used tie_word_embeddings=False to mean "T5 v1.1: do not scale"; 5 splits
   # that into scale_decoder_outputs. Whether the head is tied shows in the tensors themselves.
   scale = d.get('scale_decoder_outputs', d.get('tie_word_embeddings', True) is not False)
@@ -165,7 +172,7 @@ def t5_config_from_hf(d: dict[str, Any], tensor_names: set[str], **overrides) ->
       num_heads=d['num_heads'], head_dim=d['d_kv'],
       relpos_buckets=d.get('relative_attention_num_buckets', 32),
       relpos_max_distance=d.get('relative_attention_max_distance', 128),
-      activation=activation, gated=parts[0] == 'gated',
+      activation=activation, gated=gated,
       tie_embeddings='lm_head.weight' not in tensor_names, scale_decoder_outputs=bool(scale),
       norm_eps=d.get('layer_norm_epsilon', 1e-6), pad_id=_first(d.get('pad_token_id'), 0),
       eos_id=_first(d.get('eos_token_id'), 1),
@@ -174,16 +181,18 @@ def t5_config_from_hf(d: dict[str, Any], tensor_names: set[str], **overrides) ->
 
 
 def t5_config_to_hf(cfg: T5Config) -> dict[str, Any]:
-  if cfg.gated:
-    proj = 'gated-gelu' if cfg.activation == 'gelu_new' else f'gated-{cfg.activation}'
-  else:
-    proj = cfg.activation
+  if cfg.gated and cfg.activation == 'gelu':
+    raise UserError('transformers cannot express a gated exact-GELU T5 (its "gated-gelu" is the '
+                    'tanh approximation); set activation="gelu_new".')
+  proj = ('gated-gelu' if cfg.activation == 'gelu_new' else f'gated-{cfg.activation}'
+          ) if cfg.gated else cfg.activation
   return dict(
       architectures=['T5ForConditionalGeneration'], model_type='t5',
       vocab_size=cfg.vocab_size, d_model=cfg.embed_dim, d_ff=cfg.mlp_dim, d_kv=cfg.head_dim,
       num_layers=cfg.num_encoder_layers, num_decoder_layers=cfg.num_decoder_layers,
       num_heads=cfg.num_heads, relative_attention_num_buckets=cfg.relpos_buckets,
       relative_attention_max_distance=cfg.relpos_max_distance, feed_forward_proj=proj,
+      dense_act_fn=cfg.activation, is_gated_act=cfg.gated,
       # Read as "scale decoder outputs" by transformers 5 and 4 alike; lm_head.weight is
       # always written, so the head loads right whether or not the reader ties it.
       tie_word_embeddings=cfg.scale_decoder_outputs, layer_norm_epsilon=cfg.norm_eps,

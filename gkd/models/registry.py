@@ -21,7 +21,7 @@ ARCHITECTURES: dict[str, tuple[type, type]] = {
 }
 
 
-@gin.configurable
+@gin.configurable(module='models')
 def build_model(config: Config) -> Model:
   """The Model (gkd/models/api.py) for a DecoderConfig or T5Config."""
   for config_cls, model_cls in ARCHITECTURES.values():

@@ -19,7 +19,7 @@ from gkd.models.api import Batch, Cache, Params
 Array = jax.Array
 
 
-@gin.configurable
+@gin.configurable(module='models')
 @dataclasses.dataclass(frozen=True)
 class T5Config:
   """Sizes and options of a T5 v1.1-style model (defaults: a tiny test model)."""

@@ -94,3 +94,25 @@ def test_jsonl_task_to_batches_and_metrics(tmp_path):
   bad = _write(tmp_path / "bad.jsonl", ['{"input": "a", "target": "b"}', "{"])
   with pytest.raises(UserError, match="bad.jsonl, line 2: bad JSON"):
     tasks.get_task("jsonl", vocab, train_path=bad)
+
+
+def test_moved_files_keep_the_iterator_state(tmp_path):
+  line = json.dumps({"input": "Tom has 3 apples.", "target": "#### 3"})
+  first = _write(tmp_path / "a.jsonl", [line, line.replace("3", "4")])
+  moved = _write(tmp_path / "b.jsonl", [line, line.replace("3", "4")])
+  vocab = tasks.get_vocabulary("word")
+  kwargs = dict(input_length=12, target_length=6, batch_size=1, seed=0)
+  it = tasks.batch_iterator(tasks.get_task("jsonl", vocab, train_path=first),
+                            "train", **kwargs)
+  next(it)
+  task = tasks.get_task("jsonl", vocab, train_path=moved)
+  resumed = tasks.batch_iterator(task, "train", **kwargs)
+  resumed.restore(it.state())
+  np.testing.assert_array_equal(next(resumed)["target_tokens"],
+                                next(it)["target_tokens"])
+  changed = _write(tmp_path / "c.jsonl", [line])
+  other = tasks.batch_iterator(tasks.get_task("jsonl", vocab,
+                                              train_path=changed),
+                               "train", **kwargs)
+  with pytest.raises(UserError, match="data"):
+    other.restore(it.state())

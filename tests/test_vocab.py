@@ -69,6 +69,9 @@ def test_word_vocabulary_specials_and_canonical_text():
   got = tasks.decode(WORD, np.array([[0, 3] + ids + [1, 5]]),
                      np.array([[0, 1] + [1] * len(ids) + [1, 1]]))
   assert got == ["Tom has 12 apples. #### 12"]
+  # Ids past the vocabulary (a model's padded embedding) are dropped.
+  assert tasks.decode(WORD, np.array([ids[:1] + [WORD.vocab_size + 5]]),
+                      np.ones((1, 2))) == ["Tom"]
 
 
 @settings(max_examples=200, deadline=None)

@@ -104,12 +104,16 @@ def converter_for(vocab: seqio.Vocabulary, input_length: int,
 
 def decode(vocab: seqio.Vocabulary, ids: np.ndarray, mask: np.ndarray
            ) -> list[str]:
-  """Texts of int[B, L] ids where mask is 1, cut at the first EOS."""
+  """Texts of int[B, L] ids where mask is 1, cut at the first EOS.
+
+  Ids the vocabulary does not have (a model's padded vocabulary) are dropped.
+  """
   ids, mask = np.asarray(ids), np.asarray(mask)
   texts = []
   for row, keep in zip(ids, mask):
     tokens = [int(t) for t in row[keep.astype(bool)]]
     if vocab.eos_id in tokens:
       tokens = tokens[:tokens.index(vocab.eos_id)]
-    texts.append(vocab.decode(tokens))
+    # Models may pad their vocabulary: ids past the tokenizer's are dropped.
+    texts.append(vocab.decode([t for t in tokens if t < vocab.vocab_size]))
   return texts

@@ -7,6 +7,7 @@ naming the file, the line and the problem. Blank lines are skipped.
 """
 
 import functools
+import hashlib
 import json
 import os
 from typing import Optional, Sequence
@@ -111,11 +112,11 @@ def jsonl_task(train_path: Optional[str] = None,
   fields = (input_field, target_field)
   splits = {s: functools.partial(read_jsonl, p, fields)
             for s, p in paths.items()}
-  for read in splits.values():
-    read()  # check every file now, before anything is written
-  stamps = {s: os.stat(p).st_mtime_ns for s, p in paths.items()}
+  # Read (and check) every file now, before anything is written.
+  content = {s: hashlib.sha1(repr(read()).encode()).hexdigest()
+             for s, read in splits.items()}
   return registry.TaskSpec(
       source=registry.text_source(splits),
       metric_fns=[METRICS[m] for m in metric_names],
-      config=dict(paths=paths, stamps=stamps, fields=fields),
+      config=dict(content=content, fields=fields), location=paths,
       keep_input_end=keep_input_end)

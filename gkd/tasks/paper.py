@@ -83,8 +83,8 @@ def xsum(data_dir: Optional[str] = None, prefix: str = "summarize: ",
       source=tfds_source("xsum", data_dir, splits),
       preprocessors=[_rename(prefix, "document", "summary")],
       metric_fns=[metrics_lib.rouge],
-      config=dict(tfds="xsum", data_dir=_data_dir(data_dir), prefix=prefix,
-                  splits=splits))
+      config=dict(tfds="xsum", prefix=prefix, splits=splits),
+      location=dict(data_dir=_data_dir(data_dir)))
 
 
 @registry.register_builder("wmt14_en_de")
@@ -101,8 +101,8 @@ def wmt14_en_de(data_dir: Optional[str] = None,
       source=tfds_source("wmt14_translate/de-en", data_dir, splits),
       preprocessors=[_rename(prefix, "en", "de")],
       metric_fns=[metrics_lib.bleu],
-      config=dict(tfds="wmt14_translate/de-en", data_dir=_data_dir(data_dir),
-                  prefix=prefix, splits=splits))
+      config=dict(tfds="wmt14_translate/de-en", prefix=prefix, splits=splits),
+      location=dict(data_dir=_data_dir(data_dir)))
 
 
 # Few-shot exemplars in the GSM8K answer format (written for this project).
@@ -164,8 +164,8 @@ def gsm8k(data_dir: Optional[str] = None, num_shots: int = 0,
       source=tfds_source("gsm8k", data_dir, splits),
       preprocessors=[prompt], metric_fns=[metrics_lib.accuracy],
       postprocess_fn=gsm8k_postprocess, keep_input_end=True,
-      config=dict(tfds="gsm8k", data_dir=_data_dir(data_dir),
-                  num_shots=num_shots, question_prefix=question_prefix,
+      location=dict(data_dir=_data_dir(data_dir)),
+      config=dict(tfds="gsm8k", num_shots=num_shots, question_prefix=question_prefix,
                   answer_prefix=answer_prefix, target_prefix=target_prefix,
                   strip_calculator=strip_calculator, splits=splits))
 

@@ -82,9 +82,6 @@ class _MemoryStream:
       return np.arange(n)
     return np.random.default_rng([self.seed, epoch]).permutation(n)
 
-  def size(self) -> int:
-    return len(self.examples)
-
   def get(self, epoch: int, position: int) -> Optional[Example]:
     if position >= len(self.examples):
       return None
@@ -99,9 +96,6 @@ class _TfStream:
     self.task, self.split, self.seed = task, split, seed
     self.shuffle, self.buffer_size = shuffle, buffer_size
     self._at, self._it = None, None
-
-  def size(self) -> Optional[int]:
-    return None
 
   def _open(self, epoch: int, position: int):
     ds = _dataset(self.task, self.split)
@@ -144,7 +138,8 @@ class BatchIterator:
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     return self
 
-  def _next_example(self) -> Optional[Example]:
+  def next_example(self) -> Optional[Example]:
+    """The stream's next example (crossing epochs when repeating), or None."""
     for _ in range(2):  # at most one epoch boundary per example
       ex = self._stream.get(self._epoch, self._position)
       if ex is not None:
@@ -159,7 +154,7 @@ class BatchIterator:
     saved = (self._epoch, self._position)
     examples = []
     for _ in range(self.batch_size):
-      ex = self._next_example()
+      ex = self.next_example()
       if ex is None:  # without repeat, the last partial batch is dropped
         self._epoch, self._position = saved
         raise StopIteration
@@ -174,7 +169,7 @@ class BatchIterator:
       if state.get(key) != value:
         raise UserError(f"data iterator state has {key}={state.get(key)!r} "
                         f"but this run has {value!r}; restore with the same "
-                        "task, split, seed and batch size")
+                        "task data, split, seed, batch size and backend")
     self._epoch, self._position = int(state["epoch"]), int(state["position"])
 
 
@@ -214,8 +209,8 @@ def batch_iterator(task, split: str, *, input_length: int, target_length: int,
       vocab, input_length, target_length,
       keep_input_end=registry.spec_of(task).keep_input_end)
   stream = _stream(task, split, seed, shuffle, in_memory)
-  identity = dict(task=task.name, split=split, seed=int(seed),
-                  shuffle=bool(shuffle), batch_size=int(batch_size),
+  identity = dict(data=registry.data_key(task), split=split,
+                  seed=int(seed), shuffle=bool(shuffle), batch_size=int(batch_size),
                   backend=type(stream).__name__.strip("_"))
   return BatchIterator(stream, converter,
                        batch_size=batch_size, shard_index=shard_index,
@@ -244,7 +239,7 @@ def eval_examples(task, split: str, *, input_length: int, target_length: int,
                       repeat=False, shuffle=False)
   examples = []
   while max_examples is None or len(examples) < max_examples:
-    ex = it._next_example()  # pylint: disable=protected-access
+    ex = it.next_example()
     if ex is None:
       break
     examples.append(ex)

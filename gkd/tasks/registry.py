@@ -26,10 +26,16 @@ from gkd.tasks import vocabularies
 
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
-  """What a builder returns; `config` identifies its data (for the hash)."""
+  """What a builder returns.
+
+  config identifies the data (text and tokenisation), location where it is
+  read from; both key the registration, only config keys iterator states,
+  so a run resumes after its data moved.
+  """
   source: seqio.DataSource
   metric_fns: Sequence[Callable[..., Mapping[str, float]]]
   config: Mapping[str, Any]
+  location: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   preprocessors: Sequence[Callable[..., tf.data.Dataset]] = ()
   postprocess_fn: Callable[..., Any] = metrics_lib.strip
   keep_input_end: bool = False  # truncate prompts from the front
@@ -37,6 +43,12 @@ class TaskSpec:
 
 BUILDERS: dict[str, Callable[[], TaskSpec]] = {}
 _SPECS: dict[str, TaskSpec] = {}
+_DATA_KEYS: dict[str, str] = {}
+
+
+def _hash(*parts) -> str:
+  blob = json.dumps(parts, sort_keys=True, default=str)
+  return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
 def register_builder(name: str):
@@ -56,10 +68,8 @@ def get_task(name: str, vocabulary: Optional[seqio.Vocabulary] = None,
     raise UserError(f"unknown task {name!r}; known tasks: {sorted(BUILDERS)}")
   vocab = vocabulary or vocabularies.get_vocabulary()
   spec = BUILDERS[name](**overrides)
-  blob = json.dumps(dict(spec.config), sort_keys=True, default=str)
-  key = hashlib.sha1(
-      (blob + vocabularies.fingerprint(vocab)).encode()).hexdigest()[:10]
-  task_name = f"{name}_{key}"
+  key = _hash(name, dict(spec.config), vocabularies.fingerprint(vocab))
+  task_name = f"{name}_{_hash(key, dict(spec.location))}"
   if task_name not in seqio.TaskRegistry.names():
     feature = seqio.Feature(vocab, add_eos=False, dtype=tf.int32)
     tokenize = functools.partial(seqio.preprocessors.tokenize,
@@ -70,6 +80,7 @@ def get_task(name: str, vocabulary: Optional[seqio.Vocabulary] = None,
         preprocessors=list(spec.preprocessors) + [tokenize],
         postprocess_fn=spec.postprocess_fn, metric_fns=list(spec.metric_fns)))
     _SPECS[task_name] = spec
+    _DATA_KEYS[task_name] = f"{name}_{key}"
   return seqio.get_mixture_or_task(task_name)
 
 
@@ -81,6 +92,11 @@ def resolve(task) -> seqio.Task:
     return seqio.get_mixture_or_task(task)
   raise UserError(f"{task!r} is not a registered task; call "
                   "gkd.tasks.get_task(name, vocabulary) first")
+
+
+def data_key(task: seqio.Task) -> str:
+  """Names the task's data and tokenisation, wherever the data lies."""
+  return _DATA_KEYS.get(task.name, task.name)
 
 
 def spec_of(task: seqio.Task) -> TaskSpec:

@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from gkd import models, partitioning, tasks
 from gkd.errors import RunStopped, UserError
 from gkd.models import registry
-from gkd.train import checkpoints, evaluation, optimizer, step as step_lib
+from gkd.train import checkpoints, evaluation, optimizer, rewards, step as step_lib
 from gkd.train.sources import ModelSource
 
 MODES = ("train", "eval", "train_and_eval")
@@ -208,7 +208,10 @@ def _train(s: Setup, method, num_steps: int, seed: int, log_every: int, eval_eve
     s.iterator.restore(data_state)
   start = start or 0
   batch_sh = partitioning.logical_sharding(s.mesh, s.rules, "activation_batch", None)
-  step_fn = step_lib.make_train_step(s.student, s.teacher, tx, method)
+  reward = None
+  if method.rl_alpha < 1.0:
+    reward = rewards.task_reward(tasks.get_task(s.data["name"], tasks.get_vocabulary()))
+  step_fn = step_lib.make_train_step(s.student, s.teacher, tx, method, reward)
   with partitioning.activation_sharding(s.mesh, s.rules):
     train_step = jax.jit(step_fn, in_shardings=(state_sh, s.teacher_shardings, batch_sh),
                          out_shardings=(state_sh, None), donate_argnums=(0,))

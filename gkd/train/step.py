@@ -29,8 +29,9 @@ from gkd.errors import UserError
 from gkd.models.api import Batch, Model
 
 Array = jax.Array
-# reward(target_tokens int32[B, N], target_mask int32[B, N], batch) -> float32[B],
-# called on the host (numpy in, numpy out) through `jax.pure_callback`.
+# reward(sample_tokens int32[B, N], sample_mask int32[B, N], batch) -> float32[B]:
+# called on the host (numpy in, numpy out) through `jax.pure_callback`; `batch`
+# holds the dataset's inputs and targets (see gkd/train/rewards.py).
 RewardFn = Callable[[Any, Any, Any], Any]
 
 OBJECTIVES = ("gkd", "sft")
@@ -163,6 +164,7 @@ def make_train_step(student: Model, teacher: Optional[Model], tx: optax.Gradient
     k_u, k_sample = jax.random.split(rng)
     tokens, mask, on_policy = _targets(method, student, teacher, state.params, teacher_params,
                                        batch, k_sample, jax.random.uniform(k_u))
+    data_batch = batch
     batch = sampling.with_targets(batch, sampling.Samples(tokens=tokens, mask=mask))
     teacher_logits = None
     if method.needs_teacher:
@@ -171,7 +173,7 @@ def make_train_step(student: Model, teacher: Optional[Model], tx: optax.Gradient
     if method.rl_alpha < 1.0:
       reward = jax.pure_callback(
           lambda t, m, b: jnp.asarray(reward_fn(t, m, b), jnp.float32),
-          jax.ShapeDtypeStruct(tokens.shape[:1], jnp.float32), tokens, mask, batch)
+          jax.ShapeDtypeStruct(tokens.shape[:1], jnp.float32), tokens, mask, data_batch)
 
     def loss_fn(params):
       logits = student.logits(params, batch)

@@ -14,8 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from gkd import partitioning
 from gkd.errors import UserError
-from gkd.models import DecoderConfig, T5Config, build_model, load_hf, save_hf
-from gkd.models.hf import abstract_params
+from gkd.models import DecoderConfig, T5Config, build_model, load_hf, registry, save_hf
 from test_models_decoder import make_batch
 
 VOCAB = 128
@@ -136,7 +135,7 @@ def test_import_places_params_on_mesh(saved):
   model, params = load_hf(path, dtype='float32', mesh=mesh, rules=partitioning.fsdp_tp_rules())
   embed = params['token_embed' if model.is_encoder_decoder else 'embed']['embedding']
   assert embed.sharding.spec == P('tensor', 'fsdp')
-  expected = nn.unbox(abstract_params(model))
+  expected = nn.unbox(registry.abstract_params(model))
   assert jax.tree.map(lambda x: x.shape, params) == jax.tree.map(lambda x: x.shape, expected)
 
 

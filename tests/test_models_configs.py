@@ -9,8 +9,7 @@ import jax
 import pytest
 
 from gkd import partitioning
-from gkd.models import build_model
-from gkd.models.hf import abstract_params
+from gkd.models import registry
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), '..', 'configs', 'models')
 
@@ -41,7 +40,7 @@ def test_published_sizes_are_all_there():
 @pytest.mark.parametrize('name', FILES)
 def test_parameter_count(name):
   model = build(name)
-  shapes = partitioning.strip_boxes(abstract_params(model))
+  shapes = partitioning.strip_boxes(registry.abstract_params(model))
   count = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
   expected = PARAMS.get(name)
   if expected is None:  # tiny test/demo models

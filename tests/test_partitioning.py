@@ -1,6 +1,5 @@
 """Meshes, rule sets, sharded init and forward on 8 simulated CPU devices."""
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest

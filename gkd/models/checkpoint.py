@@ -10,7 +10,6 @@ from gkd import partitioning
 from gkd.errors import UserError
 from gkd.models import registry
 from gkd.models.api import Model, Params
-from gkd.models.hf import abstract_params
 
 CONFIG_FILE = 'model_config.json'
 PARAMS_DIR = 'params'
@@ -40,7 +39,7 @@ def load_model(path: str, *, mesh: Mesh | None = None,
   params_dir = os.path.abspath(os.path.join(path, PARAMS_DIR))
   if not os.path.isdir(params_dir):
     raise UserError(f'{params_dir} is missing; {path} is not a gkd model checkpoint.')
-  boxed = abstract_params(model)
+  boxed = registry.abstract_params(model)
   if mesh is None:
     shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), partitioning.strip_boxes(boxed))
   else:

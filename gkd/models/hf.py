@@ -86,13 +86,6 @@ def to_hf_tensor(kind: Any, x: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(x.reshape(hf_shape[::-1]).T)
 
 
-def abstract_params(model: Model) -> Params:
-  """Boxed ShapeDtypeStructs of the model's parameters (nothing is allocated)."""
-  one = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  batch = dict(input_tokens=one, input_mask=one, target_tokens=one, target_mask=one)
-  return jax.eval_shape(model.init, jax.random.key(0), batch)
-
-
 def _get(tree: Any, path: tuple[str, ...]) -> Any:
   for key in path:
     tree = tree[key]
@@ -118,7 +111,7 @@ def load_hf(path: str, *, dtype: str = 'bfloat16', param_dtype: str = 'float32',
   files = _tensor_files(path)
   config = hf_maps.config_from_hf(hf_config, set(files), dtype=dtype, param_dtype=param_dtype)
   model = registry.build_model(config)
-  abstract = abstract_params(model)
+  abstract = registry.abstract_params(model)
   shapes = partitioning.strip_boxes(abstract)
   if mesh is not None:
     shardings = partitioning.param_shardings(

@@ -6,9 +6,11 @@ import os
 from typing import Any
 
 import gin
+import jax
+import jax.numpy as jnp
 
 from gkd.errors import UserError
-from gkd.models.api import Model
+from gkd.models.api import Model, Params
 from gkd.models.decoder import DecoderConfig, DecoderModel
 from gkd.models.t5 import T5Config, T5Model
 
@@ -29,6 +31,13 @@ def build_model(config: Config) -> Model:
       return model_cls(config)
   raise UserError(f'build_model: {type(config).__name__} is not a model config; '
                   f'use one of {[c.__name__ for c, _ in ARCHITECTURES.values()]}.')
+
+
+def abstract_params(model: Model) -> Params:
+  """Boxed ShapeDtypeStructs of the model's parameters (nothing is allocated)."""
+  one = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  batch = dict(input_tokens=one, input_mask=one, target_tokens=one, target_mask=one)
+  return jax.eval_shape(model.init, jax.random.key(0), batch)
 
 
 def architecture_of(config: Config) -> str:

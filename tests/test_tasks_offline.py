@@ -108,11 +108,14 @@ def test_summary_states_exactly_the_topic_facts():
     assert summary == f"{topic} {expected}."
 
 
-@pytest.mark.parametrize("kind,max_in,max_out", [
-    ("arithmetic", 64, 32), ("translation", 32, 32),
-    ("summarization", 64, 32)])
-def test_default_sizes_fit_the_suggested_lengths(kind, max_in, max_out):
-  pairs = offline.generate(kind, "validation")
+@pytest.mark.parametrize("kind,params,max_in,max_out", [
+    ("arithmetic", dict(max_steps=2, max_value=30), 32, 24),
+    ("arithmetic", {}, 64, 32),
+    ("translation", {}, 24, 24),
+    ("summarization", {}, 48, 24)])
+def test_default_sizes_fit_the_configured_lengths(kind, params, max_in,
+                                                  max_out):
+  pairs = offline.generate(kind, "validation", **params)
   in_len = np.array([len(VOCAB.encode(x)) + 1 for x, _ in pairs])  # + BOS
   out_len = np.array([len(VOCAB.encode(y)) + 1 for _, y in pairs])  # + EOS
   assert in_len.max() <= max_in and out_len.max() <= max_out

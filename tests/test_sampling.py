@@ -2,6 +2,7 @@
 top-k / top-p support, EOS handling, 1 vs 8 devices, beam search."""
 
 import dataclasses
+import functools
 import itertools
 
 import flax.linen as nn
@@ -300,6 +301,19 @@ LLAMA = decoder.DecoderConfig(
     num_kv_heads=2, head_dim=8, dtype="float32", eos_id=2, tie_embeddings=False)
 
 
+def _random_params(model, batch, seed):
+  """Random weights in the model's parameter structure (compiling `init`
+  takes seconds): kernels N(0, 1/fan_in), vectors 1 + N(0, 0.1^2)."""
+  shapes = jax.eval_shape(lambda r: nn.unbox(model.init(r, batch)),
+                          jax.random.key(0))
+  rng = np.random.default_rng(seed)
+  def draw(s):
+    if len(s.shape) == 1:
+      return jnp.asarray(1 + 0.1 * rng.normal(size=s.shape), s.dtype)
+    return jnp.asarray(rng.normal(size=s.shape) / np.sqrt(s.shape[0]), s.dtype)
+  return jax.tree.map(draw, shapes)
+
+
 def _left_padded(lengths, input_len, vocab, seed=0):
   """Left-padded prompts of the given lengths (pad id 5: never inferred)."""
   rng = np.random.default_rng(seed)
@@ -312,8 +326,7 @@ def _left_padded(lengths, input_len, vocab, seed=0):
 @pytest.fixture(scope="module")
 def llama():
   model = decoder.DecoderModel(LLAMA)
-  init = jax.jit(lambda r, b: nn.unbox(model.init(r, b)))
-  params = init(jax.random.key(0), _left_padded([2], 2, 128))
+  params = _random_params(model, _left_padded([2], 2, 128), seed=0)
   return model, params
 
 
@@ -339,6 +352,7 @@ def _stop_at_eos(tokens, eos):
   return np.where(mask, tokens, 0), mask.astype(np.int32)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _forward_logprobs(model, params, batch, tokens, mask=None):
   """Full-forward log p(tokens) [B, N], 0 where mask is 0."""
   logits = model.logits(params, {**batch, "target_tokens": tokens})
@@ -361,10 +375,16 @@ def _check_greedy(model, params, batch, config):
 
 
 def _check_beams(model, params, batch, greedy, config):
-  """The best beam scores >= greedy, and its score is that of its tokens."""
+  """Beams beat greedy, and each best beam's score is that of its tokens.
+
+  Beam search may prune the greedy path and end below it on some row (it
+  happens here with 4 beams on one row, by 0.02), so per row this is no
+  theorem; the Markov tests above check per-row >= greedy and the exact
+  optimum. Here: better on average and strictly better somewhere.
+  """
   tokens, mask, score = _beam(model, params, batch, config)
   g_score = sampling.sequence_score(greedy.logprobs, greedy.mask, config.alpha)
-  assert (score >= g_score - 1e-4).all()
+  assert score.mean() >= g_score.mean() and (score > g_score + 1e-3).any()
   logp = _forward_logprobs(model, params, batch, tokens)
   np.testing.assert_allclose(
       sampling.sequence_score(logp, mask, config.alpha), score, atol=1e-4)
@@ -476,9 +496,8 @@ T5 = t5.T5Config(vocab_size=128, embed_dim=32, mlp_dim=64, num_encoder_layers=2,
 def test_t5_greedy_and_beams_equal_full_forward_references():
   model = t5.T5Model(T5)
   batch = _left_padded([5, 2, 4], 5, T5.vocab_size, seed=7)
-  init = jax.jit(lambda r, b: nn.unbox(model.init(r, b)))
-  params = init(jax.random.key(1),
-                {**batch, "target_tokens": jnp.zeros((3, 6), jnp.int32)})
+  params = _random_params(
+      model, {**batch, "target_tokens": jnp.zeros((3, 6), jnp.int32)}, seed=1)
   greedy = _check_greedy(model, params, batch, _GREEDY)
   # Beams reorder the encoder outputs and the self-attention cache.
   _check_beams(model, params, batch, greedy,

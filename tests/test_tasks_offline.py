@@ -109,8 +109,8 @@ def test_summary_states_exactly_the_topic_facts():
 
 
 @pytest.mark.parametrize("kind,params,max_in,max_out", [
-    ("arithmetic", dict(max_steps=2, max_value=30), 32, 24),
-    ("arithmetic", {}, 64, 32),
+    ("arithmetic", {}, 32, 24),
+    ("arithmetic", dict(max_steps=3, max_value=99), 64, 32),
     ("translation", {}, 24, 24),
     ("summarization", {}, 48, 24)])
 def test_default_sizes_fit_the_configured_lengths(kind, params, max_in,

@@ -119,7 +119,7 @@ def test_fingerprints_key_the_task_registry(tmp_path):
            for v in (WORD, sp, vocabularies.get_vocabulary("byte"))}
   assert len(names) == 3
   assert tasks.get_task("offline_arithmetic", WORD).name in names
-  assert tasks.get_task("offline_arithmetic", WORD, max_steps=2).name not in names
+  assert tasks.get_task("offline_arithmetic", WORD, max_steps=3).name not in names
 
 
 def test_vocabulary_user_errors(tmp_path):

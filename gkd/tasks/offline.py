@@ -87,8 +87,8 @@ WORDS = _words()
 
 # ---------------------------------------------------------------- arithmetic
 def arithmetic_example(rng: random.Random, *, min_steps: int = 1,
-                       max_steps: int = 3, max_operand: int = 9,
-                       max_value: int = 99, multiply: bool = False) -> Pair:
+                       max_steps: int = 2, max_operand: int = 9,
+                       max_value: int = 30, multiply: bool = False) -> Pair:
   """One word problem; every intermediate value lies in [0, max_value]."""
   name, pronoun, _ = rng.choice(NAMES)
   item = rng.choice(ITEMS)

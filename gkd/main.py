@@ -83,11 +83,15 @@ def parse_gin(files: list[str], bindings: list[str], search_paths: list[str]) ->
   if not files:
     raise UserError("no --gin_file given; pass an experiment, e.g. "
                     "--gin_file=configs/experiments/demo/gkd_jsd.gin")
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.FATAL)  # gin logs an ERROR for every include it resolves
   try:
     gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
   except (ValueError, IOError, SyntaxError, KeyError) as e:
     raise UserError(f"bad Gin config: {str(e).splitlines()[0]}; fix the binding or file "
                     "(names are e.g. gkd.train.Method.lmbda)") from None
+  finally:
+    logging.set_verbosity(verbosity)
 
 
 def run(argv: list[str]) -> None:

@@ -15,7 +15,9 @@ from typing import Any, Optional
 
 import gin
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
 from gkd.errors import UserError
@@ -48,19 +50,26 @@ class ModelDirLock:
     self._file = None
 
   def acquire(self) -> None:
-    self._file = open(self.path, "a+")
-    try:
-      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      self._file.close()
-      self._file = None
+    """Takes the lock (the first process of a multi-host run holds it for all)."""
+    held = True
+    if jax.process_index() == 0:
+      self._file = open(self.path, "a+")
+      try:
+        fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"{os.getpid()}\n")
+        self._file.flush()
+      except BlockingIOError:
+        self._file.close()
+        self._file = None
+        held = False
+    if jax.process_count() > 1:
+      held = bool(multihost_utils.broadcast_one_to_all(np.int32(held)))
+    if not held:
       raise UserError(f"another run is using model directory {os.path.dirname(self.path)} "
                       "(it holds the lock); wait for it to finish or choose another "
-                      "--gin.MODEL_DIR") from None
-    self._file.seek(0)
-    self._file.truncate()
-    self._file.write(f"{os.getpid()}\n")
-    self._file.flush()
+                      "--gin.MODEL_DIR")
 
   def release(self) -> None:
     if self._file is not None:

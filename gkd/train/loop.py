@@ -78,6 +78,10 @@ def _global_batch(local: dict, sharding) -> dict:
 
 
 def _check_models(student, teacher, vocab) -> None:
+  if teacher is not None and teacher.vocab_size != student.vocab_size:
+    raise UserError(f"teacher and student vocabularies differ ({teacher.vocab_size} vs "
+                    f"{student.vocab_size} ids); distil between models that share one "
+                    "tokenizer and vocabulary size")
   size = vocab.vocab_size
   for role, model in (("student", student), ("teacher", teacher)):
     if model is None:
@@ -88,10 +92,6 @@ def _check_models(student, teacher, vocab) -> None:
     if model.eos_id != vocab.eos_id:
       raise UserError(f"the {role}'s eos_id is {model.eos_id} but the vocabulary's is "
                       f"{vocab.eos_id}; set the model config's eos_id = {vocab.eos_id}")
-  if teacher is not None and teacher.vocab_size != student.vocab_size:
-    raise UserError(f"teacher and student vocabularies differ ({teacher.vocab_size} vs "
-                    f"{student.vocab_size} ids); distil between models that share one "
-                    "tokenizer and vocabulary size")
 
 
 def _check_model_dir(model_dir: str, fingerprint: dict) -> None:
@@ -164,19 +164,26 @@ def _write_json(path: str, obj: Any) -> None:
 
 
 class _Writer:
-  """TensorBoard scalars from the first process only."""
+  """TensorBoard scalars, and the same as JSON lines in `<path>/metrics.jsonl`.
+
+  Only the first process writes.
+  """
 
   def __init__(self, path: str):
     self._writer = None
+    self._jsonl = os.path.join(path, "metrics.jsonl")
     if jax.process_index() == 0:
       import tensorboardX  # pylint: disable=g-import-not-at-top
       self._writer = tensorboardX.SummaryWriter(path)
 
   def scalars(self, step: int, values: dict) -> None:
     if self._writer:
+      values = {k: float(v) for k, v in values.items()}
       for k, v in values.items():
-        self._writer.add_scalar(k, float(v), step)
+        self._writer.add_scalar(k, v, step)
       self._writer.flush()
+      with open(self._jsonl, "a") as f:
+        f.write(json.dumps(dict(step=step, **values)) + "\n")
 
 
 class _Sigterm:

@@ -1,0 +1,204 @@
+"""python -m gkd.main end to end, as a subprocess: outputs, kill/resume, preemption, locking,
+two processes as one mesh."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+TINY = ["--gin_file=experiments/tiny/gkd.gin"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def env_with_devices(n: int) -> dict:
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def main_args(model_dir, *extra, mode="train"):
+  return [sys.executable, "-m", "gkd.main", *TINY, f"--gin.MODEL_DIR={model_dir}",
+          f"--mode={mode}", *extra]
+
+
+def run_main(model_dir, *extra, mode="train", devices=1, timeout=300):
+  return subprocess.run(main_args(model_dir, *extra, mode=mode), cwd=ROOT, env=env_with_devices(devices),
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def start_main(model_dir, *extra, devices=1):
+  return subprocess.Popen(main_args(model_dir, *extra), cwd=ROOT, env=env_with_devices(devices),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(predicate, proc, timeout=240):
+  start = time.time()
+  while not predicate():
+    if proc.poll() is not None:
+      raise AssertionError(f"exited early ({proc.returncode}): {proc.stderr.read()[-2000:]}")
+    if time.time() - start > timeout:
+      proc.kill()
+      raise AssertionError("timed out")
+    time.sleep(0.2)
+
+
+def steps_saved(model_dir):
+  path = os.path.join(model_dir, "checkpoints")
+  if not os.path.isdir(path):
+    return []
+  return sorted(int(d) for d in os.listdir(path) if d.isdigit())
+
+
+def losses_by_step(model_dir):
+  out = {}
+  with open(os.path.join(model_dir, "train", "metrics.jsonl")) as f:
+    for line in f:
+      row = json.loads(line)
+      out[row["step"]] = row["loss"]  # a resumed run re-logs steps; keep the last
+  return out
+
+
+def export_params(model_dir):
+  import jax  # pylint: disable=g-import-not-at-top
+  from gkd import models  # pylint: disable=g-import-not-at-top
+  _, params = models.load_model(os.path.join(model_dir, "export"))
+  return {jax.tree_util.keystr(k): np.asarray(v)
+          for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def test_train_and_eval_writes_the_model_directory(tmp_path):
+  model_dir = str(tmp_path / "run")
+  proc = run_main(model_dir, "--gin.NUM_STEPS=4", mode="train_and_eval")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(model_dir, "results.json")) as f:
+    results = json.load(f)
+  assert results["train"]["steps"] == 4
+  assert 0.0 <= results["eval"]["accuracy"] <= 100.0
+  assert results["config"]["method"]["lmbda"] == 0.5
+  assert results["config"]["method"]["divergence"]["params"] == {"beta": 0.5}
+  operative = open(os.path.join(model_dir, "config.gin")).read()
+  assert "LMBDA = 0.5" in operative and "Method.lmbda = %LMBDA" in operative
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(model_dir, "train")))
+  assert sorted(losses_by_step(model_dir)) == [1, 2, 3, 4]
+  assert steps_saved(model_dir)[-1] == 4
+  assert os.path.exists(os.path.join(model_dir, "export", "model_config.json"))
+  # eval mode on the finished directory restores the last checkpoint: same metrics
+  proc = run_main(model_dir, mode="eval")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(model_dir, "results.json")) as f:
+    again = json.load(f)
+  assert again["eval"] == results["eval"] and again["step"] == 4
+
+
+@pytest.mark.slow
+def test_sigkill_and_restart_reaches_the_same_parameters(tmp_path):
+  straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+  proc = run_main(straight)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  p = start_main(killed)
+  wait_for(lambda: 4 in steps_saved(killed), p)
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+  assert not os.path.exists(os.path.join(killed, "results.json"))
+  proc = run_main(killed)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  a, b = export_params(straight), export_params(killed)
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)  # bit for bit
+  assert losses_by_step(straight) == losses_by_step(killed)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_before_exit_and_resumes(tmp_path):
+  model_dir = str(tmp_path / "run")
+  p = start_main(model_dir, "--gin.NUM_STEPS=400", "--gin.gkd.train.checkpoint_options.every_steps=1000")
+  wait_for(lambda: os.path.exists(os.path.join(model_dir, "train", "metrics.jsonl")), p)
+  p.send_signal(signal.SIGTERM)
+  _, err = p.communicate(timeout=120)
+  assert p.returncode == 143, err[-2000:]
+  saved = steps_saved(model_dir)
+  assert len(saved) == 1 and 0 < saved[0] < 400 and f"SIGTERM at step {saved[0]}" in err
+  proc = run_main(model_dir, f"--gin.NUM_STEPS={saved[0] + 2}",
+                  "--gin.gkd.train.checkpoint_options.every_steps=1000")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert steps_saved(model_dir)[-1] == saved[0] + 2
+  assert min(losses_by_step(model_dir)) == 1
+
+
+@pytest.mark.slow
+def test_a_second_run_on_the_same_directory_refuses(tmp_path):
+  model_dir = str(tmp_path / "run")
+  first = start_main(model_dir, "--gin.NUM_STEPS=100000")
+  try:
+    wait_for(lambda: os.path.exists(os.path.join(model_dir, "train", "metrics.jsonl")), first)
+    before = sorted(os.listdir(model_dir))
+    second = run_main(model_dir)
+    assert second.returncode == 2
+    assert "another run is using model directory" in second.stderr.strip().splitlines()[-1]
+    assert sorted(os.listdir(model_dir)) == before
+  finally:
+    first.kill()
+    first.wait()
+
+
+@pytest.mark.slow
+def test_two_processes_form_one_mesh_with_the_single_process_losses(tmp_path):
+  single = str(tmp_path / "single")
+  proc = run_main(single, "--gin.NUM_STEPS=4", devices=2)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  multi = str(tmp_path / "multi")
+  procs = [subprocess.Popen(
+      main_args(multi, "--gin.NUM_STEPS=4", f"--coordinator_address=localhost:{port}",
+                "--num_processes=2", f"--process_id={i}"),
+      cwd=ROOT, env=env_with_devices(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True) for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=400)
+    assert p.returncode == 0, err[-3000:]
+  a, b = losses_by_step(single), losses_by_step(multi)
+  assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+  np.testing.assert_allclose([b[k] for k in sorted(b)], [a[k] for k in sorted(a)], rtol=1e-5)
+
+
+BAD_INPUTS = [
+    (["--gin.gkd.losses.Divergence.name='kl'"], "unknown divergence 'kl'"),
+    (["--gin.LMBDA=1.5"], "lmbda=1.5 is out of range"),
+    (["--gin.BETA=-0.1"], "beta=-0.1 is out of range"),
+    (["--gin.SampleConfig.temperature=0.0", "--gin.gkd.losses.Divergence.temperature=0.0"],
+     "temperature=0.0 is invalid"),
+    (["--gin_file=no/such/file.gin"], "gin file 'no/such/file.gin' not found"),
+    (["--gin.gkd.train.Method.no_such_param=1"], "bad Gin config"),
+    (["--gin.gkd.train.optimizer.name='sgdx'"], "unknown optimizer 'sgdx'"),
+    (["--gin.teacher/models.DecoderConfig.vocab_size=300",
+      "--gin.teacher/gkd.train.ModelSource.config=@teacher/models.DecoderConfig()"],
+     "vocabularies differ"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD_INPUTS)
+def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, extra, message):
+  model_dir = tmp_path / "run"
+  proc = run_main(str(model_dir), *extra)
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert lines[-1].startswith("gkd: error:") and message in lines[-1], lines[-1]
+  assert "Traceback" not in proc.stderr
+  assert not model_dir.exists()
+
+
+def test_missing_model_dir_binding(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "gkd.main", *TINY], cwd=ROOT,
+                        env=env_with_devices(1), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2
+  assert "MODEL_DIR" in proc.stderr.strip().splitlines()[-1]

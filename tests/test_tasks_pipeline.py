@@ -154,6 +154,8 @@ def test_no_repeat_stops_and_eval_covers_every_example_once(small, vocab):
 def test_unknown_task_and_split_are_user_errors(vocab, small):
   with pytest.raises(UserError, match="unknown task"):
     tasks.get_task("no_such_task", vocab)
+  with pytest.raises(UserError, match="does not take"):
+    tasks.get_task("offline_arithmetic", vocab, num_shots=3)
   with pytest.raises(UserError, match="no split"):
     next(tasks.batch_iterator(small, "dev", batch_size=2, seed=0, **LENGTHS))
 

@@ -15,8 +15,9 @@ from typing import Mapping, Sequence
 
 import gin
 
-from gkd.tasks import jsonl  # registers "jsonl"  # pylint: disable=unused-import
-from gkd.tasks import paper  # registers xsum, wmt14_en_de, gsm8k*  # pylint: disable=unused-import
+# Importing jsonl and paper registers their task builders.
+from gkd.tasks import jsonl  # pylint: disable=unused-import
+from gkd.tasks import paper  # pylint: disable=unused-import
 from gkd.tasks.features import decode
 from gkd.tasks.pipeline import batch_iterator
 from gkd.tasks.pipeline import BatchIterator

@@ -11,6 +11,7 @@ the vocabulary and the builder's settings; tokenisation adds no EOS/BOS
 import dataclasses
 import functools
 import hashlib
+import inspect
 import json
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -66,8 +67,15 @@ def get_task(name: str, vocabulary: Optional[seqio.Vocabulary] = None,
   """
   if name not in BUILDERS:
     raise UserError(f"unknown task {name!r}; known tasks: {sorted(BUILDERS)}")
-  vocab = vocabulary or vocabularies.get_vocabulary()
-  spec = BUILDERS[name](**overrides)
+  vocab = vocabularies.get_vocabulary() if vocabulary is None else vocabulary
+  builder = BUILDERS[name]
+  settings = inspect.signature(builder)
+  try:
+    settings.bind(**overrides)
+  except TypeError as e:
+    raise UserError(f"task {name!r} does not take {sorted(overrides)} ({e}); "
+                    f"its settings: {list(settings.parameters)}") from None
+  spec = builder(**overrides)
   key = _hash(name, dict(spec.config), vocabularies.fingerprint(vocab))
   task_name = f"{name}_{_hash(key, dict(spec.location))}"
   if task_name not in seqio.TaskRegistry.names():

@@ -189,3 +189,17 @@ def test_unshuffled_backends_agree(small):
   stream = list(tasks.batch_iterator(small, "train", in_memory=False, **kwargs))
   assert len(memory) == len(stream) == 2
   assert all(_same(a, b) for a, b in zip(memory, stream))
+
+
+def test_sharded_eval_batches_concatenate_to_the_whole(small):
+  kwargs = dict(split="validation", batch_size=4, **LENGTHS)
+  whole = list(tasks.eval_examples(small, **kwargs))
+  parts = [list(tasks.eval_examples(small, shard_index=k, num_shards=2,
+                                    **kwargs)) for k in range(2)]
+  for i, full in enumerate(whole):
+    for key in features.KEYS:
+      np.testing.assert_array_equal(
+          full.batch[key], np.concatenate([p[i].batch[key] for p in parts]))
+    np.testing.assert_array_equal(
+        full.valid, np.concatenate([p[i].valid for p in parts]))
+    assert full.targets == parts[0][i].targets + parts[1][i].targets

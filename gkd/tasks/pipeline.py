@@ -243,16 +243,15 @@ def eval_examples(task, split: str, *, input_length: int, target_length: int,
     if ex is None:
       break
     examples.append(ex)
-  if batch_size % num_shards:
-    raise UserError(f"batch_size={batch_size} must be a multiple of the "
-                    f"number of shards ({num_shards})")
+  if batch_size % num_shards or not 0 <= shard_index < num_shards:
+    raise UserError(f"batch_size={batch_size} must be a multiple of "
+                    f"num_shards={num_shards} > shard_index={shard_index}")
   rows = batch_size // num_shards
+  mine = slice(shard_index * rows, (shard_index + 1) * rows)
   for start in range(0, len(examples), batch_size):
     chunk = examples[start:start + batch_size]
-    valid = np.arange(batch_size) < len(chunk)
-    chunk = chunk + [chunk[0]] * (batch_size - len(chunk))
-    mine = chunk[shard_index * rows:(shard_index + 1) * rows]
-    yield EvalBatch(
-        batch=it.converter.batch([ex[:2] for ex in mine]),
-        valid=valid[shard_index * rows:(shard_index + 1) * rows].astype(np.int32),
-        inputs=[ex[2] for ex in mine], targets=[ex[3] for ex in mine])
+    valid = (np.arange(batch_size) < len(chunk)).astype(np.int32)
+    chunk = (chunk + [chunk[0]] * (batch_size - len(chunk)))[mine]
+    yield EvalBatch(batch=it.converter.batch([ex[:2] for ex in chunk]),
+                    valid=valid[mine], inputs=[ex[2] for ex in chunk],
+                    targets=[ex[3] for ex in chunk])

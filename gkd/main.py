@@ -52,8 +52,9 @@ def split_gin_flags(argv: list[str]) -> tuple[list[str], list[str]]:
   for arg in argv:
     if arg.startswith("--gin."):
       name, sep, value = arg[len("--gin."):].partition("=")
-      if not sep or not name:
-        raise SystemExit(f"gkd: error: {arg!r} must look like --gin.NAME=VALUE")
+      if not sep or not name:  # exit 2 like every bad input
+        print(f"gkd: error: {arg!r} must look like --gin.NAME=VALUE", file=sys.stderr)
+        raise SystemExit(2)
       bindings.append(f"{name} = {_as_gin_value(value)}")
     else:
       rest.append(arg)

@@ -478,6 +478,21 @@ def test_same_tokens_on_one_and_eight_devices(llama, rules, sizes):
   np.testing.assert_allclose(eight.logprobs, one.logprobs, atol=1e-4)
 
 
+def test_beam_search_same_on_one_and_eight_devices(llama):
+  model, params = llama
+  batch = _left_padded([5, 1, 3, 2, 5, 4, 1, 2], 5, LLAMA.vocab_size, seed=8)
+  config = sampling.BeamConfig(5, num_beams=3, alpha=0.6)
+  one = _beam(model, params, batch, config)
+  mesh = partitioning.make_mesh(data=8)
+  rules = partitioning.standard_logical_axis_rules("data")
+  b_shard = partitioning.logical_sharding(mesh, rules, "activation_batch", None)
+  with partitioning.activation_sharding(mesh, rules):
+    eight = _beam(model, params, jax.device_put(batch, b_shard), config)
+  assert not eight[0].sharding.is_fully_replicated
+  for a, b in zip(eight, one):
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
 def test_llama_beam_search(llama_eos):
   model, params, batch, _ = llama_eos
   greedy = _sample(model, params, batch, jax.random.key(0), _GREEDY)

@@ -112,6 +112,8 @@ def setup(model_dir: str, student: ModelSource, teacher: Optional[ModelSource],
   """Builds mesh, data, student and teacher; raises UserError on any bad input."""
   if not model_dir:
     raise UserError("MODEL_DIR is not set; pass --gin.MODEL_DIR=\"'/path/to/run'\"")
+  if os.path.exists(model_dir) and not os.path.isdir(model_dir):
+    raise UserError(f"MODEL_DIR {model_dir} is a file, not a directory; choose a new path")
   if method.needs_teacher and teacher is None:
     raise UserError("the gkd objective needs a teacher; bind `train.teacher = "
                     "@teacher/gkd.train.ModelSource()` or use objective='sft'")

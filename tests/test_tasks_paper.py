@@ -3,6 +3,7 @@ tfds.testing.mock_data to model-ready batches, for a SentencePiece model
 trained here and a Hugging Face tokenizer built here. Nothing downloads."""
 
 import re
+import socket
 
 import numpy as np
 import pytest
@@ -34,6 +35,22 @@ MOCK = {
 def _as_dataset(builder, split, **kwargs):
   del split, kwargs
   return tf.data.Dataset.from_tensor_slices(MOCK[builder.name])
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+  """Records (and refuses) every connection attempt during a test."""
+  attempts = []
+
+  def refuse(self, address, *args):
+    del self, args
+    attempts.append(address)
+    raise OSError("network access in a test")
+
+  monkeypatch.setattr(socket.socket, "connect", refuse)
+  monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+  yield
+  assert not attempts, f"tried to reach {attempts}"
 
 
 @pytest.fixture(scope="module")

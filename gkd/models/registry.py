@@ -80,4 +80,11 @@ def load_model_config(path: str) -> Config:
     raise UserError(f'{path} does not exist; a gkd model checkpoint has a model_config.json '
                     'next to its params (write one with `python -m gkd.convert`).')
   with open(path) as f:
-    return config_from_dict(json.load(f))
+    try:
+      config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise UserError(f'{path} is not valid JSON ({e}); rewrite it with '
+                      '`python -m gkd.convert` or restore it from the run.') from None
+  if not isinstance(config, dict):
+    raise UserError(f'{path} holds a JSON {type(config).__name__}, not a model config object.')
+  return config_from_dict(config)

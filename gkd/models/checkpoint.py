@@ -48,4 +48,9 @@ def load_model(path: str, *, mesh: Mesh | None = None,
   target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         partitioning.strip_boxes(boxed), shardings)
   with ocp.StandardCheckpointer() as checkpointer:
-    return model, checkpointer.restore(params_dir, target)
+    try:
+      return model, checkpointer.restore(params_dir, target)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+      raise UserError(f'{params_dir} does not hold the params of the model in {CONFIG_FILE} '
+                      f'({str(e).splitlines()[0][:200]}); {path} is not a complete gkd model '
+                      'checkpoint.') from None

@@ -139,9 +139,14 @@ class HfTokenizerVocabulary(_PythonTfVocabulary):
     config = {}
     config_path = os.path.join(os.path.dirname(path), "tokenizer_config.json")
     if os.path.isfile(config_path):
-      with open(config_path) as f:
-        config = json.load(f)
-    def names(key, arg, defaults):  # the argument, else the config, else defaults
+      try:
+        with open(config_path) as f:
+          config = dict(json.load(f))
+      except (ValueError, TypeError) as e:
+        raise UserError(f"{config_path} is not a JSON object ({e}); fix or "
+                        "remove it") from None
+
+    def names(key, arg, defaults):  # the argument, else config, else defaults
       if arg or key in config:
         return [arg or _token_name(config.get(key))]
       return defaults

@@ -36,6 +36,8 @@ def parse_args() -> argparse.Namespace:
   p.add_argument("--vocab", type=int, default=1024)
   p.add_argument("--hidden", type=int, default=128)
   p.add_argument("--layers", type=int, default=4)
+  p.add_argument("--torch_threads", type=int, default=0,
+                 help="torch.set_num_threads (0: torch's default)")
   p.add_argument("--sample", action="store_true",
                  help="temperature-1 sampling (no top-k/top-p) instead of greedy")
   return p.parse_args()
@@ -69,6 +71,8 @@ def timed(fn) -> tuple[float, object]:
 
 def main() -> None:
   args = parse_args()
+  if args.torch_threads:
+    torch.set_num_threads(args.torch_threads)
   hf = hf_model(args)
   tokens, mask = prompts(args)
   with tempfile.TemporaryDirectory() as tmp:

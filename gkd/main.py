@@ -12,7 +12,8 @@ multi-host initialisation (--coordinator_address, --num_processes,
 --process_id; on TPU VMs it is automatic).
 
 Exit codes: 0 done; 2 bad input (one line on stderr: the problem and its fix,
-nothing written); 3 non-finite loss; 143 preempted (SIGTERM, checkpoint saved).
+nothing written); 3 non-finite loss; 4 disk full (the last complete checkpoint
+is kept); 143 preempted (SIGTERM, checkpoint saved).
 """
 
 import ast
@@ -108,7 +109,7 @@ def run(argv: list[str]) -> None:
   import gin  # pylint: disable=g-import-not-at-top
   import gkd.losses, gkd.models, gkd.partitioning, gkd.sampling, gkd.tasks  # pylint: disable=g-import-not-at-top,unused-import,multiple-imports
   from gkd import train  # pylint: disable=g-import-not-at-top
-  from gkd.errors import RunStopped, UserError  # pylint: disable=g-import-not-at-top
+  from gkd.errors import RunStopped, UserError, exit_on_disk_full  # pylint: disable=g-import-not-at-top
   try:
     parse_gin(FLAGS.gin_file, FLAGS.gin_bindings + _GIN_FLAGS, FLAGS.gin_search_paths)
     try:
@@ -124,6 +125,9 @@ def run(argv: list[str]) -> None:
   except RunStopped as e:
     print(f"gkd: stopped: {str(e).splitlines()[0]}", file=sys.stderr)
     sys.exit(e.exit_code)
+  except Exception as e:  # pylint: disable=broad-except
+    exit_on_disk_full(e)  # one line and exit 4; any other error is a bug: traceback
+    raise
 
 
 _GIN_FLAGS: list[str] = []

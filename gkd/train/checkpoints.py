@@ -9,6 +9,8 @@ eval metric are kept. Restoring takes the target shardings, so a checkpoint
 restores onto any mesh shape.
 """
 
+import contextlib
+import errno
 import fcntl
 import os
 from typing import Any, Optional
@@ -20,7 +22,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
-from gkd.errors import UserError
+from gkd.errors import UserError, disk_full_path
 
 LOCK_FILE = ".gkd.lock"
 
@@ -78,6 +80,18 @@ class ModelDirLock:
       self._file = None
 
 
+@contextlib.contextmanager
+def _naming_a_full_disk(directory: str):
+  """Re-raises Orbax's full-disk errors (from its threads) as OSError(ENOSPC, directory)."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except
+    if disk_full_path(e) is None:
+      raise
+    raise OSError(errno.ENOSPC, "No space left on device while saving a checkpoint",
+                  directory) from e
+
+
 class Checkpointer:
   """Saves and restores (train state, data iterator state) under `<model_dir>/checkpoints`."""
 
@@ -110,10 +124,11 @@ class Checkpointer:
       return False
     if metrics is not None and self.best_metric and self.best_metric not in metrics:
       metrics = None
-    return self._manager.save(
-        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                      data=ocp.args.JsonSave(data_state)),
-        metrics=metrics, force=True)
+    with _naming_a_full_disk(self._manager.directory):
+      return self._manager.save(
+          step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                        data=ocp.args.JsonSave(data_state)),
+          metrics=metrics, force=True)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Restores onto the shardings carried by `abstract_state`'s ShapeDtypeStructs."""
@@ -129,10 +144,12 @@ class Checkpointer:
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are complete."""
-    self._manager.wait_until_finished()
+    with _naming_a_full_disk(self._manager.directory):
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.close()
+    with _naming_a_full_disk(self._manager.directory):
+      self._manager.close()
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

@@ -99,7 +99,13 @@ def _check_model_dir(model_dir: str, fingerprint: dict) -> None:
   if not os.path.exists(path):
     return
   with open(path) as f:
-    previous = json.load(f)
+    try:
+      previous = json.load(f)
+    except ValueError:
+      previous = None
+  if not isinstance(previous, dict):
+    raise UserError(f"{path} is not a JSON object (a damaged run.json); restore it or choose "
+                    "a new --gin.MODEL_DIR")
   for key in ("student", "task"):
     if previous.get(key) != fingerprint[key]:
       raise UserError(f"model directory {model_dir} holds a run with a different {key} "

@@ -202,3 +202,24 @@ def test_missing_model_dir_binding(tmp_path):
                         env=env_with_devices(1), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2
   assert "MODEL_DIR" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_teacher_from_a_hugging_face_directory(tmp_path):
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  config = transformers.LlamaConfig(vocab_size=512, hidden_size=48, intermediate_size=96,
+                                    num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, bos_token_id=3, eos_token_id=1,
+                                    pad_token_id=0, tie_word_embeddings=True)
+  hf_dir = str(tmp_path / "hf_teacher")
+  transformers.LlamaForCausalLM(config).save_pretrained(hf_dir, safe_serialization=True)
+  model_dir = str(tmp_path / "run")
+  proc = run_main(model_dir, "--gin.NUM_STEPS=2", "--gin.teacher/gkd.train.ModelSource.config=None",
+                  f"--gin.teacher/gkd.train.ModelSource.hf_dir={hf_dir}",
+                  "--gin.teacher/gkd.train.ModelSource.dtype='float32'")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(model_dir, "run.json")) as f:
+    assert json.load(f)["teacher"] == f"hf:{hf_dir}"
+  assert sorted(losses_by_step(model_dir)) == [1, 2]

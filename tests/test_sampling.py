@@ -136,6 +136,27 @@ def test_temperature_frequencies_match_softmax(tau):
     assert _chi2_pvalue(tokens, _softmax(_LOGITS / wrong)) < 1e-6
 
 
+@pytest.mark.parametrize("vocab", [1, 2, 37, 300])
+def test_categorical_matches_softmax_and_skips_masked_tokens(vocab):
+  rng = np.random.default_rng(vocab)
+  logits = rng.normal(size=vocab) * 2
+  masked = rng.random(vocab) < 0.3
+  masked[rng.integers(vocab)] = False
+  logits[masked] = -np.inf
+  draws = jax.jit(sampling.categorical)(
+      jax.random.key(vocab), jnp.tile(jnp.asarray(logits, jnp.float32), (_DRAWS, 1)))
+  draws = np.asarray(draws)
+  assert draws.min() >= 0 and draws.max() < vocab
+  assert not masked[draws].any()
+  assert _chi2_pvalue(draws, _softmax(logits)) > 1e-3
+
+
+def test_categorical_reaches_the_last_token_behind_padding():
+  logits = jnp.full((4, 37), -jnp.inf).at[:, 36].set(0.0)  # 37 = 5 blocks of 8, padded
+  np.testing.assert_array_equal(
+      sampling.categorical(jax.random.key(0), logits), [36] * 4)
+
+
 @pytest.mark.parametrize("top_k", [1, 3])
 def test_top_k_never_emits_excluded_tokens(top_k):
   model, params = _fixed_logits_model(jnp.asarray(_LOGITS))

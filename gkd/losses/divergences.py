@@ -91,15 +91,11 @@ def skew_kl(lq: Array, lp: Array, alpha: float = 0.1) -> Array:
 
 
 def skew_reverse_kl(lq: Array, lp: Array, alpha: float = 0.1) -> Array:
-  """Skew reverse KL of DistiLLM: KL(q ‖ (1−α)·p + α·q).
+  """Skew reverse KL of DistiLLM: KL(q ‖ (1−α)·p + α·q), skew KL with p and q swapped.
 
   α = 0 is reverse KL; α = 1 is 0.
   """
-  if alpha == 0.0:
-    return reverse_kl(lq, lp)
-  if alpha == 1.0:
-    return jnp.zeros(lq.shape[:-1], jnp.float32)
-  return _kl(lq, _log_mix(alpha, lq, lp))
+  return skew_kl(lp, lq, alpha)
 
 
 def _head_threshold(lp: Array, mu: float, iters: int = 48) -> Array:

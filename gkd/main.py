@@ -19,6 +19,7 @@ is kept); 143 preempted (SIGTERM, checkpoint saved).
 import ast
 import os
 import sys
+import tokenize
 
 from absl import app, flags, logging
 
@@ -89,7 +90,7 @@ def parse_gin(files: list[str], bindings: list[str], search_paths: list[str]) ->
   logging.set_verbosity(logging.FATAL)  # gin logs an ERROR for every include it resolves
   try:
     gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
-  except (ValueError, IOError, SyntaxError, KeyError) as e:
+  except (ValueError, IOError, SyntaxError, KeyError, tokenize.TokenError) as e:
     raise UserError(f"bad Gin config: {str(e).splitlines()[0]}; fix the binding or file "
                     "(names are e.g. gkd.train.Method.lmbda)") from None
   finally:

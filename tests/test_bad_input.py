@@ -94,6 +94,7 @@ FRESH_DIR_CASES = {
     "student_checkpoint_bad_json": lambda tmp: _student_checkpoint(tmp, "bad_json"),
     "student_checkpoint_bad_params": lambda tmp: _student_checkpoint(tmp, "bad_params"),
     "malformed_gin_flag": lambda tmp: (["--gin.NUM_STEPS"], "must look like --gin.NAME=VALUE"),
+    "unbalanced_gin_value": lambda tmp: (["--gin.NUM_STEPS=("], "bad Gin config"),
 }
 
 

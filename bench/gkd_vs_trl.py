@@ -19,9 +19,10 @@ What is timed, per step:
         `Trainer`'s loop adds: `clip_grad_norm_`, `optimizer.step()`,
         `optimizer.zero_grad()`.
 Runs alternate (gkd, TRL, gkd, ...) after warm-up; medians are reported.
-Peak resident memory is each side's own `ru_maxrss`, measured in a child
-process that runs only that side (one process cannot separate two
-frameworks' peaks): imports, models, optimizer state, warm-up and one step.
+Peak resident memory is each side's own VmHWM, measured in a child process
+that runs only that side (one process cannot separate two frameworks'
+peaks): imports, models, optimizer state, warm-up and one step; the RSS right
+after the imports is shown beside it.
 """
 
 import argparse

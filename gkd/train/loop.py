@@ -97,6 +97,10 @@ def _check_models(student, teacher, vocab) -> None:
 def _check_model_dir(model_dir: str, fingerprint: dict) -> None:
   path = os.path.join(model_dir, "run.json")
   if not os.path.exists(path):
+    ckpt_dir = os.path.join(model_dir, "checkpoints")
+    if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):  # run.json is written before any save
+      raise UserError(f"model directory {model_dir} has checkpoints but no run.json, so what "
+                      "it trains is unknown; choose a new --gin.MODEL_DIR")
     return
   with open(path) as f:
     try:

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 
 import pytest
 
@@ -137,6 +138,16 @@ def test_a_damaged_run_json_is_reported_and_left_alone(tmp_path):
   proc = run_main(str(model_dir))
   assert_one_clear_line(proc, "damaged run.json")
   assert snapshot(str(model_dir)) == before
+
+
+def test_checkpoints_without_run_json_are_not_overwritten(trained, tmp_path):
+  model_dir = str(tmp_path / "run")
+  shutil.copytree(trained, model_dir)
+  os.remove(os.path.join(model_dir, "run.json"))
+  before = snapshot(model_dir)
+  proc = run_main(model_dir, "--gin.tiny_decoder/models.DecoderConfig.embed_dim=32")
+  assert_one_clear_line(proc, "has checkpoints but no run.json")
+  assert snapshot(model_dir) == before
 
 
 def test_model_dir_that_is_a_file(tmp_path):

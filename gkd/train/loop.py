@@ -120,7 +120,7 @@ def _check_model_dir(model_dir: str, fingerprint: dict) -> None:
 def setup(model_dir: str, student: ModelSource, teacher: Optional[ModelSource],
           method: step_lib.Method, seed: int) -> Setup:
   """Builds mesh, data, student and teacher; raises UserError on any bad input."""
-  if not model_dir:
+  if not model_dir or not isinstance(model_dir, str):  # unset: Gin passes its REQUIRED object
     raise UserError("MODEL_DIR is not set; pass --gin.MODEL_DIR=\"'/path/to/run'\"")
   if os.path.exists(model_dir) and not os.path.isdir(model_dir):
     raise UserError(f"MODEL_DIR {model_dir} is a file, not a directory; choose a new path")
@@ -300,6 +300,7 @@ def train(mode: str = "train", *, model_dir: str = gin.REQUIRED,
   method = method or step_lib.Method()
   options = checkpoints.checkpoint_options()
   evaluation.EvalConfig()  # validate now
+  optimizer.optimizer()  # validate now (name, schedule)
   s = setup(model_dir, student, teacher, method, seed)
 
   os.makedirs(model_dir, exist_ok=True)

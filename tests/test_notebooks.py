@@ -18,9 +18,9 @@ def test_notebook_executes(name, tmp_path, monkeypatch):
   assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), (
       "commit notebooks without outputs")
   started = time.time()
-  NotebookClient(notebook, timeout=120, kernel_name="python3",
+  NotebookClient(notebook, timeout=150, kernel_name="python3",
                  resources={"metadata": {"path": str(tmp_path)}}).execute()
-  assert time.time() - started < 90
+  assert time.time() - started < 150  # ~40 s on 2 idle cores; loose for a loaded machine
   text = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code"
                  for o in c.outputs)
   assert "done in" in text

@@ -91,7 +91,7 @@ class Decoder(nn.Module):
     (float32 logits [B, L - logits_from, V] or None, new per-layer cache).
     """
     cfg, dt = self.cfg, layers.dtypes_of(self.cfg)
-    embed = layers.Embed(cfg.vocab_size, cfg.embed_dim, name='embed', **dt)
+    embed = layers.Embed(cfg.vocab_size, cfg.embed_dim, name='embed', init_std=0.02, **dt)
     x = layers.constrain(embed(tokens), layers.BLE)
     mask = layers.causal_mask(index, tokens.shape[1], key_mask)
     new_cache = []

@@ -64,15 +64,21 @@ class Dense(nn.Module):
 
 
 class Embed(nn.Module):
-  """Token embedding [V, E]; `attend` is the tied output projection."""
+  """Token embedding [V, E]; `attend` is the tied output projection.
+
+  `init_std`: 1.0 is T5's (t5x); Llama/Qwen2 use 0.02 (HF `initializer_range`),
+  which keeps a tied head's initial logits near zero instead of ~sqrt(E).
+  """
   vocab_size: int
   features: int
   dtype: DType = jnp.bfloat16
   param_dtype: DType = jnp.float32
+  init_std: float = 1.0
 
   def setup(self):
     self.embedding = self.param(
-        'embedding', nn.with_logical_partitioning(nn.initializers.normal(1.0), ('vocab', 'embed')),
+        'embedding',
+        nn.with_logical_partitioning(nn.initializers.normal(self.init_std), ('vocab', 'embed')),
         (self.vocab_size, self.features), self.param_dtype)
 
   def __call__(self, tokens: Array) -> Array:

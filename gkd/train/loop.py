@@ -314,7 +314,8 @@ def train(mode: str = "train", *, model_dir: str = gin.REQUIRED,
         f.write(gin.operative_config_str())
     results: dict = dict(mode=mode, model_dir=model_dir, config=dict(
         s.fingerprint, method=dataclasses.asdict(method), data=s.data, num_steps=num_steps,
-        seed=seed, mesh=dict(s.mesh.shape), rules=Parallelism().rules))
+        seed=seed, mesh=dict(s.mesh.shape), rules=Parallelism().rules,
+        eval=dataclasses.asdict(evaluation.EvalConfig())))
     params = s.params
     if mode in ("train", "train_and_eval"):
       state, summary = _train(s, method, num_steps, seed, log_every, eval_every, ckpt)

@@ -69,6 +69,14 @@ class Setup:
   teacher_shardings: Any
   iterator: Any
   fingerprint: dict
+  eval_config: Any = None  # evaluation.EvalConfig, built once per run
+  writers: dict = dataclasses.field(default_factory=dict)  # tag -> _Writer
+
+  def writer(self, tag: str) -> "_Writer":
+    """One TensorBoard writer per tag for the whole run."""
+    if tag not in self.writers:
+      self.writers[tag] = _Writer(os.path.join(self.model_dir, tag))
+    return self.writers[tag]
 
 
 def _global_batch(local: dict, sharding) -> dict:
@@ -210,9 +218,8 @@ class _Sigterm:
 
 
 def _evaluate(s: Setup, model, params, tag: str, step: int) -> dict:
-  metrics, examples = evaluation.evaluate(model, params, s.data, evaluation.EvalConfig(),
-                                          s.mesh, s.rules)
-  _Writer(os.path.join(s.model_dir, tag)).scalars(step, metrics)
+  metrics, examples = evaluation.evaluate(model, params, s.data, s.eval_config, s.mesh, s.rules)
+  s.writer(tag).scalars(step, metrics)
   _write_json(os.path.join(s.model_dir, f"{tag}_predictions.json"), examples[:50])
   return metrics
 
@@ -234,7 +241,7 @@ def _train(s: Setup, method, num_steps: int, seed: int, log_every: int, eval_eve
   with partitioning.activation_sharding(s.mesh, s.rules):
     train_step = jax.jit(step_fn, in_shardings=(state_sh, s.teacher_shardings, batch_sh),
                          out_shardings=(state_sh, None), donate_argnums=(0,))
-  writer, sigterm = _Writer(os.path.join(s.model_dir, "train")), _Sigterm()
+  writer, sigterm = s.writer("train"), _Sigterm()
   summary = dict(on_policy_steps=0, steps=0, skipped_steps=0, tokens=0.0, seconds=0.0)
   bar = tqdm.tqdm(range(start, num_steps), initial=start, total=num_steps, desc="train",
                   disable=jax.process_index() != 0, dynamic_ncols=True)
@@ -299,9 +306,10 @@ def train(mode: str = "train", *, model_dir: str = gin.REQUIRED,
     raise UserError(f"num_steps={num_steps!r} must be an integer >= 0")
   method = method or step_lib.Method()
   options = checkpoints.checkpoint_options()
-  evaluation.EvalConfig()  # validate now
+  eval_config = evaluation.EvalConfig()  # validated now, before anything is written
   optimizer.optimizer()  # validate now (name, schedule)
   s = setup(model_dir, student, teacher, method, seed)
+  s.eval_config = eval_config
 
   os.makedirs(model_dir, exist_ok=True)
   lock = checkpoints.ModelDirLock(model_dir)
@@ -315,7 +323,7 @@ def train(mode: str = "train", *, model_dir: str = gin.REQUIRED,
     results: dict = dict(mode=mode, model_dir=model_dir, config=dict(
         s.fingerprint, method=dataclasses.asdict(method), data=s.data, num_steps=num_steps,
         seed=seed, mesh=dict(s.mesh.shape), rules=Parallelism().rules,
-        eval=dataclasses.asdict(evaluation.EvalConfig())))
+        eval=dataclasses.asdict(eval_config)))
     params = s.params
     if mode in ("train", "train_and_eval"):
       state, summary = _train(s, method, num_steps, seed, log_every, eval_every, ckpt)
@@ -335,7 +343,7 @@ def train(mode: str = "train", *, model_dir: str = gin.REQUIRED,
       step = ckpt.latest_step() or 0
       results["step"] = step
       results["eval"] = _evaluate(s, s.student, params, "eval", step)
-      if evaluation.EvalConfig().evaluate_teacher and s.teacher is not None:
+      if eval_config.evaluate_teacher and s.teacher is not None:
         results["teacher_eval"] = _evaluate(s, s.teacher, s.teacher_params, "teacher_eval", step)
     _write_json(os.path.join(model_dir, "results.json"), results)
     if jax.process_index() == 0:

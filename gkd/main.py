@@ -17,6 +17,7 @@ is kept); 143 preempted (SIGTERM, checkpoint saved).
 """
 
 import ast
+import functools
 import os
 import sys
 import tokenize
@@ -97,7 +98,8 @@ def parse_gin(files: list[str], bindings: list[str], search_paths: list[str]) ->
     logging.set_verbosity(verbosity)
 
 
-def run(argv: list[str]) -> None:
+def run(argv: list[str], gin_flags: tuple[str, ...] = ()) -> None:
+  """Runs the configured experiment; `gin_flags` are the `--gin.NAME=VALUE` bindings."""
   del argv
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
@@ -112,7 +114,7 @@ def run(argv: list[str]) -> None:
   from gkd import train  # pylint: disable=g-import-not-at-top
   from gkd.errors import RunStopped, UserError, exit_on_disk_full  # pylint: disable=g-import-not-at-top
   try:
-    parse_gin(FLAGS.gin_file, FLAGS.gin_bindings + _GIN_FLAGS, FLAGS.gin_search_paths)
+    parse_gin(FLAGS.gin_file, FLAGS.gin_bindings + list(gin_flags), FLAGS.gin_search_paths)
     try:
       train.train(mode=FLAGS.mode)
     except RuntimeError as e:
@@ -131,13 +133,9 @@ def run(argv: list[str]) -> None:
     raise
 
 
-_GIN_FLAGS: list[str] = []
-
-
 def main() -> None:
   argv, bindings = split_gin_flags(sys.argv)
-  _GIN_FLAGS.extend(bindings)
-  app.run(run, argv=argv)
+  app.run(functools.partial(run, gin_flags=tuple(bindings)), argv=argv)
 
 
 if __name__ == "__main__":

@@ -251,6 +251,22 @@ def test_chunked_equals_plain(name, dtype):
                                np.asarray(g_plain, np.float32), rtol=rtol, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk", [None, 1, 2])
+def test_one_hot_teacher_with_huge_logits_is_exact(chunk):
+  """A ±1e4 one-hot teacher at T=0.75: FKL is −log q(hot token) to f32 precision.
+
+  Regression: x/T − max(x/T) was fused differently inside the chunk loop and
+  left the hot token's log-prob off by ~ulp(1e4/T) ≈ 4e-4."""
+  s = jnp.asarray(random_logits(0, (3, 5)), jnp.bfloat16)
+  hot = np.array([4, 0, 2])
+  t = jnp.asarray(np.where(np.arange(5) == hot[:, None], 1e4, -1e4), jnp.float32)
+  got = losses.per_token("forward_kl", s[None], t[None], temperature=0.75, chunk_size=chunk)
+  lq = np.asarray(s, np.float64) / 0.75
+  lq = lq - lq.max(-1, keepdims=True)
+  lq = lq - np.log(np.exp(lq).sum(-1, keepdims=True))
+  np.testing.assert_allclose(got[0], -lq[np.arange(3), hot], rtol=2e-6)
+
+
 def test_chunked_holds_one_chunk_of_intermediates():
   """The compiled chunked program's temporaries are far below the plain one's."""
   s, t = jnp.zeros((4096, 2048)), jnp.ones((4096, 2048))

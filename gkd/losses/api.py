@@ -74,7 +74,11 @@ def _check_shapes(student: Array, teacher: Array) -> None:
 
 
 def _log_probs(logits: Array, temperature: float) -> Array:
-  return jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+  # Shift before scaling: the top logit becomes exactly 0 however XLA fuses or
+  # rewrites the division (x/T - max(x/T) can be off by ulp(max/T), ~1e-3 at 1e4).
+  x = logits.astype(jnp.float32)
+  x = x - jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
+  return jax.nn.log_softmax(x / temperature, axis=-1)
 
 
 def _token_fn(name: str, params: dict[str, float], temperature: float, top_k: Optional[int]):

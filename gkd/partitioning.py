@@ -25,6 +25,7 @@ import flax.linen as nn
 import gin
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from gkd.errors import UserError
@@ -186,3 +187,9 @@ def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
 def logical_sharding(mesh: Mesh, rules: Rules, *names: str | None) -> NamedSharding:
   """The NamedSharding of an array whose dimensions have logical `names`."""
   return nn.logical_to_mesh_sharding(PartitionSpec(*names), mesh, rules)
+
+
+def sync_processes(name: str) -> None:
+  """A barrier across all processes of a multi-process run; a no-op in one process."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)

@@ -49,6 +49,16 @@ def wait_for(predicate, proc, timeout=240):
     time.sleep(0.2)
 
 
+def first_error(stderr: str, size: int = 1500) -> str:
+  """The part of a crashed run's stderr from its first error or fatal line on."""
+  lines = stderr.splitlines()
+  for i, line in enumerate(lines):
+    if line.startswith(("F0", "E0", "Traceback", "Fatal Python error", "gkd: ")) and (
+        "cuInit" not in line):
+      return "\n".join(lines[i:])[:size]
+  return stderr[-size:]
+
+
 def steps_saved(model_dir):
   path = os.path.join(model_dir, "checkpoints")
   if not os.path.isdir(path):
@@ -163,9 +173,13 @@ def test_two_processes_form_one_mesh_with_the_single_process_losses(tmp_path):
                 "--num_processes=2", f"--process_id={i}"),
       cwd=ROOT, env=env_with_devices(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
       text=True) for i in range(2)]
-  for p in procs:
-    _, err = p.communicate(timeout=400)
-    assert p.returncode == 0, err[-3000:]
+  errs = [p.communicate(timeout=400)[1] for p in procs]
+  for i, err in enumerate(errs):
+    (tmp_path / f"stderr{i}.txt").write_text(err)
+  for i, (p, err) in enumerate(zip(procs, errs)):
+    # A crash in one process aborts the other too: show both, starting at the first error.
+    assert p.returncode == 0, "\n\n".join(f"process {j} (exit {q.returncode}):\n{first_error(e)}"
+                                         for j, (q, e) in enumerate(zip(procs, errs)))
   a, b = losses_by_step(single), losses_by_step(multi)
   assert sorted(a) == sorted(b) == [1, 2, 3, 4]
   np.testing.assert_allclose([b[k] for k in sorted(b)], [a[k] for k in sorted(a)], rtol=1e-5)

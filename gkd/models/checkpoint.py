@@ -16,10 +16,17 @@ PARAMS_DIR = 'params'
 
 
 def save_model(path: str, model: Model, params: Params) -> None:
-  """Writes model_config.json and the (unboxed) params under `path`."""
+  """Writes model_config.json and the (unboxed) params under `path`.
+
+  Multi-process: every process checks the destination before any writes to it
+  (else a slow process sees the fast one's files and refuses), and the first
+  process writes the config.
+  """
   registry.check_new_destination(path)
+  partitioning.sync_processes('gkd.save_model:destination_checked')
   os.makedirs(path, exist_ok=True)
-  registry.save_model_config(model.config, os.path.join(path, CONFIG_FILE))
+  if jax.process_index() == 0:
+    registry.save_model_config(model.config, os.path.join(path, CONFIG_FILE))
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.path.abspath(os.path.join(path, PARAMS_DIR)),
                       partitioning.strip_boxes(params))

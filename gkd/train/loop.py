@@ -289,6 +289,7 @@ def _export(path: str, model, params) -> None:
   tmp = path + ".tmp"
   if jax.process_index() == 0 and os.path.exists(tmp):
     shutil.rmtree(tmp)
+  partitioning.sync_processes("gkd.export:stale_tmp_removed")
   models.save_model(tmp, model, params)
   if jax.process_index() == 0:
     os.replace(tmp, path)

@@ -112,8 +112,10 @@ def export_models(args, path: str) -> None:
 
 
 def gkd_step(args, student, params, teacher, teacher_params, lmbda: float,
-             chunk_size: int | None = None):
+             chunking: dict | None = None):
   """(jitted step, initial TrainState, batch) for our GKD step with JSD(β), AdamW, clip 1.
+
+  `chunking`: the divergence's `chunk_size` or `chunk_elements` (default: plain).
 
   The student's EOS is disabled, so samples always have `new_tokens` tokens.
   """
@@ -126,7 +128,7 @@ def gkd_step(args, student, params, teacher, teacher_params, lmbda: float,
   student = DecoderModel(dataclasses.replace(student.config, eos_id=-1))
   tx = optimizer("adamw", schedule(args.lr), clip_norm=1.0)
   divergence = losses.Divergence("jsd", {"beta": args.beta}, reduction="token",
-                                 chunk_size=chunk_size)
+                                 **(chunking or {}))
   method = Method(divergence=divergence, lmbda=lmbda,
                   sampler=sampling.SampleConfig(temperature=args.temperature))
   step = jax.jit(make_train_step(student, teacher, tx, method), donate_argnums=0)

@@ -4,8 +4,11 @@
     /work/heavy python bench/scaling.py --shape tiny --lengths 8 --vocabs 512 --batches 2 --reps 1
 
 Each row is our λ=0 GKD step (teacher forward, student forward+backward,
-JSD(β=0.5), AdamW) at one size, with the divergence plain or chunked
-(`Divergence(chunk_size=--chunk)` tokens at a time). Columns:
+JSD(β=0.5), AdamW) at one size, with the divergence plain, chunked by tokens
+(`Divergence(chunk_size=--chunk)`: a fixed number of tokens at a time) or
+chunked by budget (`Divergence(chunk_elements=--chunk_elements)`: a fixed
+number of token × vocab elements, i.e. chunk_elements // V tokens at a time).
+Columns:
   step s        median of --reps calls after warm-up, plain and chunked alternating;
   step temp     XLA's temporary allocation for the whole compiled step
                 (`compiled.memory_analysis().temp_size_in_bytes`);
@@ -15,7 +18,8 @@ JSD(β=0.5), AdamW) at one size, with the divergence plain or chunked
                 that row (VmHWM, reset before each row through /proc/self/clear_refs).
 The step's own logits ([B, N, V] for student, its gradient and teacher) grow
 with V on both paths; what chunking removes is the divergence's O(B·N·V)
-intermediates, so "JSD temp" stays flat in V on the chunked path.
+intermediates: "JSD temp" is flat in tokens on both chunked paths, grows like
+V with a fixed token chunk, and is flat in V with the element budget.
 """
 
 import argparse
@@ -43,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--vocabs", default="8000,32000,128000")
   p.add_argument("--batches", default="4,16")
   p.add_argument("--chunk", type=int, default=64, help="divergence chunk (tokens)")
+  p.add_argument("--chunk_elements", type=int, default=64 * 32000,
+                 help="divergence chunk budget (token × vocab elements)")
   p.add_argument("--reps", type=int, default=3)
   args = p.parse_args(argv)
   args.beta, args.temperature, args.lr = 0.5, 1.0, 1e-5
@@ -68,9 +74,12 @@ def measure(args) -> dict:
   reset_peak_rss()
   (student, params), (teacher, teacher_params) = common.init_models(args)
   runs, out = {}, {}
-  for path, chunk in (("plain", None), ("chunked", args.chunk)):
+  paths = (("plain", None, {}), ("chunked", args.chunk, dict(chunk_size=args.chunk)),
+           ("budget", max(1, args.chunk_elements // args.vocab),
+            dict(chunk_elements=args.chunk_elements)))
+  for path, chunk, chunking in paths:
     step, state, batch = common.gkd_step(args, student, params, teacher, teacher_params, 0.0,
-                                         chunk_size=chunk)
+                                         chunking=chunking)
     # The step donates its state: each path gets its own copy of the parameters.
     state = jax.tree.map(jnp.copy, state)
     compiled = step.lower(state, teacher_params, batch).compile()
@@ -101,10 +110,11 @@ def main(argv=None) -> None:
   sweeps += [("batch", int(x)) for x in args.batches.split(",") if x]
   print(f"shape {args.shape}: student {common.SHAPES[args.shape][0]}, teacher "
         f"{common.SHAPES[args.shape][1]}; λ=0 step, float32, prompt {args.prompt_len}, base "
-        f"{base}; chunk {args.chunk} tokens; jax {jax.__version__}, {os.cpu_count()} CPUs; "
+        f"{base}; chunk {args.chunk} tokens / budget {args.chunk_elements} elements; "
+        f"jax {jax.__version__}, {os.cpu_count()} CPUs; "
         f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
   print("| swept | batch | new tokens | vocab | path | step s | step temp MiB | JSD temp MiB | "
-        "row peak RSS MiB | chunked/plain time | chunked/plain JSD temp |")
+        "row peak RSS MiB | time / plain | JSD temp / plain |")
   print("|---|---|---|---|---|---|---|---|---|---|---|")
   mib = 2 ** 20
   for name, value in sweeps:
@@ -116,7 +126,7 @@ def main(argv=None) -> None:
       ratio_t = t / result["plain"][0]
       ratio_m = jsd / max(result["plain"][2], 1)
       print(f"| {name} | {args.batch} | {args.new_tokens} | {args.vocab} | {path} | {t:.3f} | "
-            f"{temp / mib:.0f} | {jsd / mib:.1f} | {rss:.0f} | {ratio_t:.2f} | {ratio_m:.3f} |",
+            f"{temp / mib:.0f} | {jsd / mib:.3f} | {rss:.0f} | {ratio_t:.2f} | {ratio_m:.3f} |",
             flush=True)
   print(f"load average after {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 

@@ -46,9 +46,15 @@ def test_roofline_table():
 
 @pytest.mark.slow
 def test_scaling_table():
-  rows = _run("scaling.py", *TINY, "--lengths", "", "--vocabs", "1024", "--batches", "",
-              "--chunk", "2")
+  rows = _run("scaling.py", *TINY, "--lengths", "", "--vocabs", "1024,4096", "--batches", "",
+              "--new_tokens", "16", "--chunk", "2", "--chunk_elements", "8192")
   body = [_cells(r) for r in rows[2:]]
-  assert [(r[3], r[4]) for r in body] == [("1024", "plain"), ("1024", "chunked")]
-  jsd = {r[4]: float(r[7]) for r in body}
-  assert jsd["chunked"] < jsd["plain"]
+  assert [(r[3], r[4]) for r in body] == [(v, p) for v in ("1024", "4096")
+                                          for p in ("plain", "chunked", "budget")]
+  jsd = {(r[3], r[4]): float(r[7]) for r in body}
+  for v in ("1024", "4096"):
+    assert jsd[v, "chunked"] < jsd[v, "plain"] and jsd[v, "budget"] < jsd[v, "plain"]
+  # 32 tokens. Four times the vocabulary: the 2-token chunk's memory grows; the
+  # budget's chunk shrinks from 8 tokens to 2 and its memory does not.
+  assert jsd["4096", "chunked"] > 2 * jsd["1024", "chunked"]
+  assert jsd["4096", "budget"] < 1.3 * jsd["1024", "budget"]

@@ -281,6 +281,36 @@ def test_chunked_holds_one_chunk_of_intermediates():
   assert chunked < 0.5 * one_input < plain, (plain, chunked)
 
 
+def test_chunk_elements_is_chunking_by_vocab_budget():
+  """`chunk_elements` = `chunk_size` of budget // vocab tokens: same values, gradients."""
+  s, t = random_logits(40, (2, 9, 50)), random_logits(41, (2, 9, 50))
+
+  def value_and_grad(**chunking):
+    return jax.value_and_grad(lambda x: losses.per_token("jsd", x, t, beta=0.9, **chunking).sum())(s)
+
+  for by_budget, by_rows in (((dict(chunk_elements=200)), dict(chunk_size=4)),
+                             ((dict(chunk_elements=10)), dict(chunk_size=1))):  # < vocab: 1 row
+    (v1, g1), (v2, g2) = value_and_grad(**by_budget), value_and_grad(**by_rows)
+    np.testing.assert_array_equal(v1, v2)
+    np.testing.assert_array_equal(g1, g2)
+
+
+def test_chunk_elements_keeps_divergence_memory_flat_in_vocab():
+  """With a fixed element budget the divergence's temporaries do not grow with V;
+  with a fixed number of tokens per chunk they grow like V."""
+
+  def temp_bytes(vocab, **chunking):
+    x = jax.ShapeDtypeStruct((1024, vocab), jnp.float32)
+    f = jax.jit(jax.grad(lambda s, t: jnp.sum(losses.per_token("jsd", s, t, beta=0.5, **chunking))))
+    return f.lower(x, x).compile().memory_analysis().temp_size_in_bytes
+
+  budget = 64 * 1024
+  flat = [temp_bytes(v, chunk_elements=budget) for v in (1024, 4096)]
+  rows = [temp_bytes(v, chunk_size=64) for v in (1024, 4096)]
+  assert flat[1] < 1.3 * flat[0], flat
+  assert rows[1] > 3 * rows[0], rows
+
+
 # ---------------------------------------------------------------- top-k teacher
 
 
@@ -379,6 +409,8 @@ def test_property_finite_nonnegative_and_chunked(name, shape, temperature, scale
     (lambda s, t: losses.per_token("atkd", s, t), "atkd needs targets"),
     (lambda s, t: losses.per_token("tvd", s, t, teacher_top_k=8), "teacher_top_k=8"),
     (lambda s, t: losses.per_token("tvd", s, t, chunk_size=0), "chunk_size=0"),
+    (lambda s, t: losses.per_token("tvd", s, t, chunk_elements=-8), "chunk_elements=-8"),
+    (lambda s, t: losses.Divergence(chunk_size=4, chunk_elements=64), "not both"),
     (lambda s, t: losses.reduce(s[..., 0], s[..., 0], "mean"), "unknown reduction 'mean'"),
     (lambda s, t: losses.Divergence(name="jsd", params={"beta": 3}), "beta=3 is out of range"),
 ])

@@ -60,6 +60,15 @@ def check_temperature(temperature: Any) -> float:
   return float(temperature)
 
 
+def check_chunking(chunk_size: Any, chunk_elements: Any) -> None:
+  for key, value in (("chunk_size", chunk_size), ("chunk_elements", chunk_elements)):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+      raise UserError(f"{key}={value!r} must be a positive integer")
+  if chunk_size is not None and chunk_elements is not None:
+    raise UserError("set chunk_size (tokens per chunk) or chunk_elements (token × vocab "
+                    "elements per chunk), not both")
+
+
 def _check_shapes(student: Array, teacher: Array) -> None:
   if student.ndim < 2:
     raise UserError(f"logits must have shape [..., vocab]; got {student.shape}")
@@ -122,7 +131,8 @@ def _atkd_combine(parts, mask: Array, alpha: float, hard_fraction: float) -> Arr
 def per_token(name: str, student_logits: Array, teacher_logits: Array, *,
               temperature: float = 1.0, targets: Optional[Array] = None,
               mask: Optional[Array] = None, chunk_size: Optional[int] = None,
-              teacher_top_k: Optional[int] = None, **params: float) -> Array:
+              chunk_elements: Optional[int] = None, teacher_top_k: Optional[int] = None,
+              **params: float) -> Array:
   """Per-token divergence D(teacher ‖ student) at every position.
 
   Args:
@@ -134,6 +144,9 @@ def per_token(name: str, student_logits: Array, teacher_logits: Array, *,
       hard/easy tokens over the batch (default: all valid).
     chunk_size: if set, process `chunk_size` tokens at a time (same values and
       gradients, bounded memory).
+    chunk_elements: instead of `chunk_size`, a budget of token × vocab
+      elements per chunk (`max(1, chunk_elements // vocab)` tokens at a time),
+      so the divergence's temporaries stay flat as the vocabulary grows.
     teacher_top_k: if set, keep only the teacher's top-k log-probs plus one
       tail bucket holding the rest of the mass (the student is collapsed onto
       the same k + 1 buckets).
@@ -156,8 +169,9 @@ def per_token(name: str, student_logits: Array, teacher_logits: Array, *,
       raise UserError(f"atkd needs targets of shape {tuple(lead)} (the next tokens)")
     if teacher_top_k is not None:
       raise UserError("atkd needs the full teacher distribution; unset teacher_top_k")
-  if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
-    raise UserError(f"chunk_size={chunk_size!r} must be a positive integer")
+  check_chunking(chunk_size, chunk_elements)
+  if chunk_elements is not None:
+    chunk_size = max(1, chunk_elements // vocab)
 
   fn = _token_fn(name, {k: v for k, v in checked.items()}, temperature, teacher_top_k)
   student = student_logits.reshape(-1, vocab)
@@ -211,12 +225,14 @@ class Divergence:
   params: Any = None  # dict of the divergence's parameters
   temperature: float = 1.0
   reduction: str = "sequence"
-  chunk_size: Optional[int] = None
+  chunk_size: Optional[int] = None  # tokens per chunk
+  chunk_elements: Optional[int] = None  # or token × vocab elements per chunk
   teacher_top_k: Optional[int] = None
 
   def __post_init__(self):
     object.__setattr__(self, "params", check_params(self.name, dict(self.params or {})))
     check_temperature(self.temperature)
+    check_chunking(self.chunk_size, self.chunk_elements)
     if self.reduction not in REDUCTIONS:
       raise UserError(f"unknown reduction {self.reduction!r}; "
                       f"choose one of {', '.join(REDUCTIONS)}")
@@ -226,7 +242,8 @@ class Divergence:
     """float32 `[batch, length]` values."""
     return per_token(self.name, student_logits, teacher_logits,
                      temperature=self.temperature, targets=targets, mask=mask,
-                     chunk_size=self.chunk_size, teacher_top_k=self.teacher_top_k,
+                     chunk_size=self.chunk_size, chunk_elements=self.chunk_elements,
+                     teacher_top_k=self.teacher_top_k,
                      **self.params)
 
   def __call__(self, student_logits: Array, teacher_logits: Array, mask: Array,

@@ -77,6 +77,26 @@ def test_arithmetic_difficulty_knob_changes_lengths():
   assert all(t.count("=") == 4 for _, t in hard)
 
 
+def test_label_noise_slips_one_step_of_a_fraction_of_the_training_targets():
+  kw = dict(num_train=4000, max_steps=3, max_value=20)
+  clean = offline.generate("arithmetic", "train", **kw)
+  noisy = offline.generate("arithmetic", "train", label_noise=0.3, **kw)
+  for split in ("validation", "test"):  # held-out answers stay correct
+    assert offline.generate("arithmetic", split, label_noise=0.3, **kw) == \
+        offline.generate("arithmetic", split, **kw)
+  changed = [(x, y, z) for (x, y), (x2, z) in zip(clean, noisy) if y != z]
+  assert all(x == x2 for (x, _), (x2, _) in zip(clean, noisy))
+  assert 0.25 < len(changed) / len(clean) < 0.32  # a few slips are impossible (value < 0)
+  for problem, right, slipped in changed:
+    steps = re.findall(r"(\d+) ([-+*]) (\d+) = (\d+)\.", slipped)
+    wrong = [int(c) - eval(f"{a}{op}{b}") for a, op, b, c in steps]  # pylint: disable=eval-used
+    assert sum(d != 0 for d in wrong) == 1 and all(abs(d) <= 3 for d in wrong)
+    for (_, _, _, c), (a, _, _, _) in zip(steps, steps[1:]):  # carried on from the slip
+      assert c == a
+    assert slipped.endswith(f"#### {steps[-1][3]}") and right.endswith(f"#### {_solve(problem)}")
+    assert not slipped.endswith(f"#### {_solve(problem)}")
+
+
 def test_translation_follows_its_grammar():
   nouns = {sg: stem for sg, _, stem in offline.NOUNS}
   nouns.update({pl: stem for _, pl, stem in offline.NOUNS})

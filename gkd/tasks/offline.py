@@ -15,6 +15,7 @@ Generation is pure Python and deterministic in (task, seed, split, params).
 
 import functools
 import random
+import re
 from typing import Callable, Sequence
 
 Pair = tuple[str, str]
@@ -118,6 +119,31 @@ def arithmetic_example(rng: random.Random, *, min_steps: int = 1,
   return " ".join(sentences), " ".join(steps + [f"#### {value}"])
 
 
+_STEP = re.compile(r"(\d+) ([-+*]) (\d+) = (\d+)\.")
+_APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+def arithmetic_slip(rng: random.Random, target: str) -> str:
+  """`target` with one step's result off by 1-3 and the later steps carried on
+  from it (a careless but consistent labeler); unchanged if no slip keeps every
+  value >= 0."""
+  steps = [(int(a), op, int(n)) for a, op, n, _ in _STEP.findall(target)]
+  if not steps:
+    return target
+  at = rng.randrange(len(steps))
+  for delta in rng.sample((-3, -2, -1, 1, 2, 3), 6):
+    value, lines = None, []
+    for i, (a, op, n) in enumerate(steps):
+      a = a if value is None else value
+      value = _APPLY[op](a, n) + (delta if i == at else 0)
+      if value < 0:
+        break
+      lines.append(f"{a} {op} {n} = {value}.")
+    else:
+      return " ".join(lines + [f"#### {value}"])
+  return target
+
+
 # --------------------------------------------------------------- translation
 def _noun_phrase(rng: random.Random, max_adjectives: int, accusative: bool):
   sg, pl, stem = rng.choice(NOUNS)
@@ -191,10 +217,15 @@ GENERATORS: dict[str, Callable[..., Pair]] = {
 SPLITS = ("train", "validation", "test")
 
 
+SLIPS: dict[str, Callable[[random.Random, str], str]] = {"arithmetic": arithmetic_slip}
+
+
 @functools.lru_cache(maxsize=16)
 def _generate(kind: str, seed: int, num_train: int, num_eval: int,
               params: tuple[tuple[str, object], ...]) -> dict[str, list[Pair]]:
-  generator = functools.partial(GENERATORS[kind], **dict(params))
+  params = dict(params)
+  label_noise = float(params.pop("label_noise", 0.0))
+  generator = functools.partial(GENERATORS[kind], **params)
   splits, seen = {}, set()
   for split in ("test", "validation", "train"):  # held-out splits first
     rng = random.Random(f"{kind}/{seed}/{split}")
@@ -210,11 +241,19 @@ def _generate(kind: str, seed: int, num_train: int, num_eval: int,
       if split != "train":
         seen.add(pair[0])
     splits[split] = examples
+  if label_noise:  # the training targets only; held-out splits stay correct
+    rng = random.Random(f"{kind}/{seed}/label_noise")
+    splits["train"] = [(x, SLIPS[kind](rng, y) if rng.random() < label_noise else y)
+                       for x, y in splits["train"]]
   return splits
 
 
 def generate(kind: str, split: str, *, seed: int = 0, num_train: int = 20000,
              num_eval: int = 500, **params) -> Sequence[Pair]:
-  """The examples of one split; train never repeats a held-out input."""
+  """The examples of one split; train never repeats a held-out input.
+
+  `label_noise=p` (arithmetic only) gives a fraction p of the training targets
+  one slip (`arithmetic_slip`): a dataset worse than the task's true answers.
+  """
   return _generate(kind, seed, num_train, num_eval,
                    tuple(sorted(params.items())))[split]

@@ -141,8 +141,12 @@ def _offline(kind: str, metric_fns, seed: int, num_train: int, num_eval: int,
 def offline_arithmetic(seed: int = 0, num_train: int = 20000,
                        num_eval: int = 500, min_steps: int = 1,
                        max_steps: int = 2, max_operand: int = 9,
-                       max_value: int = 30, multiply: bool = False) -> TaskSpec:
+                       max_value: int = 30, multiply: bool = False,
+                       label_noise: float = 0.0) -> TaskSpec:
   """Word problems -> "a + b = c. ... #### n"; accuracy on the final number.
+
+  `label_noise`: the fraction of training targets with one arithmetic slip
+  (validation and test stay correct).
 
   The defaults suit a ~1M-parameter model on CPU (about half the validation
   set right after ~500 steps of batch 32); raise max_steps / max_value for
@@ -151,7 +155,7 @@ def offline_arithmetic(seed: int = 0, num_train: int = 20000,
   return _offline("arithmetic", [metrics_lib.accuracy], seed, num_train,
                   num_eval, min_steps=min_steps, max_steps=max_steps,
                   max_operand=max_operand, max_value=max_value,
-                  multiply=multiply)
+                  multiply=multiply, label_noise=label_noise)
 
 
 @register_builder("offline_translation")

@@ -97,6 +97,16 @@ def test_label_noise_slips_one_step_of_a_fraction_of_the_training_targets():
     assert not slipped.endswith(f"#### {_solve(problem)}")
 
 
+def test_answer_only_label_noise_drops_the_chain_of_thought():
+  kw = dict(num_train=2000, max_value=20)
+  clean = offline.generate("arithmetic", "train", **kw)
+  noisy = offline.generate("arithmetic", "train", label_noise=0.6,
+                           label_noise_kind="answer_only", **kw)
+  bare = [(y, z) for (_, y), (_, z) in zip(clean, noisy) if y != z]
+  assert 0.55 < len(bare) / len(clean) < 0.65
+  assert all(z == y[y.index("####"):] for y, z in bare)
+
+
 def test_translation_follows_its_grammar():
   nouns = {sg: stem for sg, _, stem in offline.NOUNS}
   nouns.update({pl: stem for _, pl, stem in offline.NOUNS})

@@ -217,7 +217,17 @@ GENERATORS: dict[str, Callable[..., Pair]] = {
 SPLITS = ("train", "validation", "test")
 
 
-SLIPS: dict[str, Callable[[random.Random, str], str]] = {"arithmetic": arithmetic_slip}
+def answer_only(rng: random.Random, target: str) -> str:
+  """`target` without its chain of thought: just "#### n" (a bare-answer dataset)."""
+  del rng
+  return target[target.index("####"):]
+
+
+# (kind, label_noise_kind) -> how one training target is degraded.
+DEGRADATIONS: dict[tuple[str, str], Callable[[random.Random, str], str]] = {
+    ("arithmetic", "slip"): arithmetic_slip,
+    ("arithmetic", "answer_only"): answer_only,
+}
 
 
 @functools.lru_cache(maxsize=16)
@@ -225,6 +235,7 @@ def _generate(kind: str, seed: int, num_train: int, num_eval: int,
               params: tuple[tuple[str, object], ...]) -> dict[str, list[Pair]]:
   params = dict(params)
   label_noise = float(params.pop("label_noise", 0.0))
+  degrade = DEGRADATIONS.get((kind, params.pop("label_noise_kind", "slip")))
   generator = functools.partial(GENERATORS[kind], **params)
   splits, seen = {}, set()
   for split in ("test", "validation", "train"):  # held-out splits first
@@ -243,7 +254,7 @@ def _generate(kind: str, seed: int, num_train: int, num_eval: int,
     splits[split] = examples
   if label_noise:  # the training targets only; held-out splits stay correct
     rng = random.Random(f"{kind}/{seed}/label_noise")
-    splits["train"] = [(x, SLIPS[kind](rng, y) if rng.random() < label_noise else y)
+    splits["train"] = [(x, degrade(rng, y) if rng.random() < label_noise else y)
                        for x, y in splits["train"]]
   return splits
 
@@ -252,8 +263,9 @@ def generate(kind: str, split: str, *, seed: int = 0, num_train: int = 20000,
              num_eval: int = 500, **params) -> Sequence[Pair]:
   """The examples of one split; train never repeats a held-out input.
 
-  `label_noise=p` (arithmetic only) gives a fraction p of the training targets
-  one slip (`arithmetic_slip`): a dataset worse than the task's true answers.
+  `label_noise=p` (arithmetic only) degrades a fraction p of the training
+  targets, as `label_noise_kind` says: 'slip' (`arithmetic_slip`) or
+  'answer_only' (`answer_only`): a dataset worse than the task's true answers.
   """
   return _generate(kind, seed, num_train, num_eval,
                    tuple(sorted(params.items())))[split]

@@ -142,20 +142,29 @@ def offline_arithmetic(seed: int = 0, num_train: int = 20000,
                        num_eval: int = 500, min_steps: int = 1,
                        max_steps: int = 2, max_operand: int = 9,
                        max_value: int = 30, multiply: bool = False,
-                       label_noise: float = 0.0) -> TaskSpec:
+                       label_noise: float = 0.0,
+                       label_noise_kind: str = "slip") -> TaskSpec:
   """Word problems -> "a + b = c. ... #### n"; accuracy on the final number.
 
-  `label_noise`: the fraction of training targets with one arithmetic slip
-  (validation and test stay correct).
+  `label_noise`: the fraction of training targets degraded (validation and
+  test stay correct): `label_noise_kind` 'slip' (one arithmetic slip, carried
+  on) or 'answer_only' (the chain of thought dropped: "#### n").
 
   The defaults suit a ~1M-parameter model on CPU (about half the validation
   set right after ~500 steps of batch 32); raise max_steps / max_value for
   a harder task.
   """
+  kinds = sorted(k for kind, k in offline.DEGRADATIONS if kind == "arithmetic")
+  if label_noise_kind not in kinds:
+    raise UserError(f"label_noise_kind={label_noise_kind!r}; choose one of {', '.join(kinds)}")
+  if isinstance(label_noise, bool) or not (isinstance(label_noise, (int, float))
+                                           and 0.0 <= label_noise <= 1.0):
+    raise UserError(f"label_noise={label_noise!r} must be a fraction in [0, 1]")
   return _offline("arithmetic", [metrics_lib.accuracy], seed, num_train,
                   num_eval, min_steps=min_steps, max_steps=max_steps,
                   max_operand=max_operand, max_value=max_value,
-                  multiply=multiply, label_noise=label_noise)
+                  multiply=multiply, label_noise=label_noise,
+                  label_noise_kind=label_noise_kind)
 
 
 @register_builder("offline_translation")

@@ -25,6 +25,7 @@ CORE = [
 
 TEST = [
     "pytest",
+    "pytest-xdist",
     "hypothesis",
     # The CPU build lies on this machine's disk; an unpinned torch pulls CUDA.
     "torch==2.13.0",

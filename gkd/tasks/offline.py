@@ -235,7 +235,7 @@ def _generate(kind: str, seed: int, num_train: int, num_eval: int,
               params: tuple[tuple[str, object], ...]) -> dict[str, list[Pair]]:
   params = dict(params)
   label_noise = float(params.pop("label_noise", 0.0))
-  degrade = DEGRADATIONS.get((kind, params.pop("label_noise_kind", "slip")))
+  noise_kind = params.pop("label_noise_kind", "slip")
   generator = functools.partial(GENERATORS[kind], **params)
   splits, seen = {}, set()
   for split in ("test", "validation", "train"):  # held-out splits first
@@ -253,6 +253,7 @@ def _generate(kind: str, seed: int, num_train: int, num_eval: int,
         seen.add(pair[0])
     splits[split] = examples
   if label_noise:  # the training targets only; held-out splits stay correct
+    degrade = DEGRADATIONS[kind, noise_kind]
     rng = random.Random(f"{kind}/{seed}/label_noise")
     splits["train"] = [(x, degrade(rng, y) if rng.random() < label_noise else y)
                        for x, y in splits["train"]]

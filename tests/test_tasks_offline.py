@@ -77,6 +77,56 @@ def test_arithmetic_difficulty_knob_changes_lengths():
   assert all(t.count("=") == 4 for _, t in hard)
 
 
+def _operations(problem: str) -> list[tuple[str, int]]:
+  """The (op, operand) of each of the problem's steps, in the problem's order."""
+  ops = []
+  for sentence in problem.split(". ")[1:]:
+    words = sentence.rstrip(".?").split()
+    numbers = [int(w) for w in words if w.isdigit()]
+    if "doubles" in words or "triples" in words:
+      ops.append(("*", 2 if "doubles" in words else 3))
+    elif numbers:
+      ops.append(("+" if "more" in words else "-", numbers[0]))
+  return ops
+
+
+def test_any_step_order_solves_each_step_once_in_a_valid_order():
+  rng = random.Random(0)
+  reordered = 0
+  for _ in range(500):
+    problem, answer = offline.arithmetic_example(rng, min_steps=2, max_steps=3,
+                                                 max_value=20, step_order="any")
+    steps = re.findall(r"(\d+) ([-+*]) (\d+) = (\d+)\.", answer)
+    for (_, _, _, c), (a, _, _, _) in zip(steps, steps[1:]):  # a chain of running values
+      assert c == a
+    for a, op, b, c in steps:
+      assert eval(f"{a}{op}{b}") == int(c) and 0 <= int(c) <= 20  # pylint: disable=eval-used
+    given = _operations(problem)
+    done = [(op, int(b)) for _, op, b, _ in steps]
+    assert sorted(done) == sorted(given) and answer.endswith(f"#### {_solve(problem)}")
+    reordered += done != given
+  assert 0.2 < reordered / 500 < 0.8  # several solutions for many problems, not for all
+
+
+def test_given_step_order_is_the_default_and_multiplication_keeps_it():
+  assert offline.generate("arithmetic", "test") == offline.generate(
+      "arithmetic", "test", step_order="given")
+  rng = random.Random(0)
+  for _ in range(200):
+    problem, answer = offline.arithmetic_example(rng, min_steps=2, max_steps=3, multiply=True,
+                                                 step_order="any")
+    if any(op == "*" for op, _ in _operations(problem)):
+      done = [(op, int(b)) for op, b in re.findall(r"\d+ ([-+*]) (\d+) = ", answer)]
+      assert done == _operations(problem)
+
+
+def test_unknown_step_order_is_a_user_error():
+  from gkd.errors import UserError  # pylint: disable=g-import-not-at-top
+  from gkd.tasks import registry  # pylint: disable=g-import-not-at-top
+  with pytest.raises(UserError, match="step_order='sorted'; choose one of given, any"):
+    registry.offline_arithmetic(step_order="sorted")
+
+
 def test_label_noise_slips_one_step_of_a_fraction_of_the_training_targets():
   kw = dict(num_train=4000, max_steps=3, max_value=20)
   clean = offline.generate("arithmetic", "train", **kw)

@@ -14,6 +14,7 @@ Generation is pure Python and deterministic in (task, seed, split, params).
 """
 
 import functools
+import itertools
 import random
 import re
 from typing import Callable, Sequence
@@ -87,13 +88,22 @@ WORDS = _words()
 
 
 # ---------------------------------------------------------------- arithmetic
+STEP_ORDERS = ("given", "any")
+
+
 def arithmetic_example(rng: random.Random, *, min_steps: int = 1,
                        max_steps: int = 2, max_operand: int = 9,
-                       max_value: int = 30, multiply: bool = False) -> Pair:
-  """One word problem; every intermediate value lies in [0, max_value]."""
+                       max_value: int = 30, multiply: bool = False,
+                       step_order: str = "given") -> Pair:
+  """One word problem; every intermediate value lies in [0, max_value].
+
+  step_order: "given" solves the steps in the problem's order; "any" (several
+  valid solutions, as in human-written data) applies a run of additions and
+  subtractions in a random order whose intermediate values stay in range.
+  """
   name, pronoun, _ = rng.choice(NAMES)
   item = rng.choice(ITEMS)
-  value = rng.randint(1, max_operand * 2)
+  value = start = rng.randint(1, max_operand * 2)
   sentences = [f"{name} has {value} {item}."]
   steps = []
   for _ in range(rng.randint(min_steps, max_steps)):
@@ -113,10 +123,32 @@ def arithmetic_example(rng: random.Random, *, min_steps: int = 1,
       verb = rng.choice(SUB_VERBS).split()
       sentences.append(f"{pronoun} {' '.join([verb[0], str(n)] + verb[1:])}.")
       new = value - n
-    steps.append(f"{value} {op} {n} = {new}.")
+    steps.append((op, n))
     value = new
   sentences.append(f"How many {item} does {name} have?")
-  return " ".join(sentences), " ".join(steps + [f"#### {value}"])
+  if step_order == "any" and "*" not in (op for op, _ in steps):
+    steps = _any_order(rng, start, steps, max_value)
+  lines, value = [], start
+  for op, n in steps:
+    new = _APPLY[op](value, n)
+    lines.append(f"{value} {op} {n} = {new}.")
+    value = new
+  return " ".join(sentences), " ".join(lines + [f"#### {value}"])
+
+
+def _any_order(rng: random.Random, start: int, steps: list, max_value: int) -> list:
+  """`steps` in a random order whose running values stay in [0, max_value]."""
+  orders = [list(p) for p in itertools.permutations(steps)]
+  rng.shuffle(orders)
+  for order in orders:
+    value = start
+    for op, n in order:
+      value = _APPLY[op](value, n)
+      if not 0 <= value <= max_value:
+        break
+    else:
+      return order
+  return steps
 
 
 _STEP = re.compile(r"(\d+) ([-+*]) (\d+) = (\d+)\.")

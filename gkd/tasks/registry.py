@@ -142,10 +142,12 @@ def offline_arithmetic(seed: int = 0, num_train: int = 20000,
                        num_eval: int = 500, min_steps: int = 1,
                        max_steps: int = 2, max_operand: int = 9,
                        max_value: int = 30, multiply: bool = False,
-                       label_noise: float = 0.0,
+                       step_order: str = "given", label_noise: float = 0.0,
                        label_noise_kind: str = "slip") -> TaskSpec:
   """Word problems -> "a + b = c. ... #### n"; accuracy on the final number.
 
+  `step_order`: 'given' (one solution per problem) or 'any' (additions and
+  subtractions solved in a random valid order: several correct outputs).
   `label_noise`: the fraction of training targets degraded (validation and
   test stay correct): `label_noise_kind` 'slip' (one arithmetic slip, carried
   on) or 'answer_only' (the chain of thought dropped: "#### n").
@@ -154,6 +156,8 @@ def offline_arithmetic(seed: int = 0, num_train: int = 20000,
   set right after ~500 steps of batch 32); raise max_steps / max_value for
   a harder task.
   """
+  if step_order not in offline.STEP_ORDERS:
+    raise UserError(f"step_order={step_order!r}; choose one of {', '.join(offline.STEP_ORDERS)}")
   kinds = sorted(k for kind, k in offline.DEGRADATIONS if kind == "arithmetic")
   if label_noise_kind not in kinds:
     raise UserError(f"label_noise_kind={label_noise_kind!r}; choose one of {', '.join(kinds)}")
@@ -163,7 +167,7 @@ def offline_arithmetic(seed: int = 0, num_train: int = 20000,
   return _offline("arithmetic", [metrics_lib.accuracy], seed, num_train,
                   num_eval, min_steps=min_steps, max_steps=max_steps,
                   max_operand=max_operand, max_value=max_value,
-                  multiply=multiply, label_noise=label_noise,
+                  multiply=multiply, step_order=step_order, label_noise=label_noise,
                   label_noise_kind=label_noise_kind)
 
 

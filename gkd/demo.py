@@ -26,11 +26,12 @@ from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "/tmp/gkd_demo", "Directory for the runs, table and plot.")
-flags.DEFINE_list("seeds", ["0", "1"], "Seeds of the distillation runs.")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of the distillation runs.")
 flags.DEFINE_integer("teacher_steps", 600, "Teacher training steps.")
 flags.DEFINE_integer("student_steps", 300, "Student supervised fine-tuning steps.")
 flags.DEFINE_integer("distill_steps", 200, "Steps of each method from the SFT student.")
-flags.DEFINE_integer("eval_examples", 256, "Held-out problems per evaluation.")
+flags.DEFINE_integer("eval_examples", 500, "Held-out problems per evaluation (500: the whole "
+                     "validation split).")
 
 METHODS = ("sft", "supervised_kd", "gkd_reverse_kl", "gkd_jsd_0_9")
 LABELS = {"sft": "supervised fine-tuning", "supervised_kd": "supervised KD (λ=0, FKL)",

@@ -1,9 +1,11 @@
 r"""python -m gkd.main: train / evaluate a GKD experiment from Gin files (t5x-style flags).
 
     python -m gkd.main \
-      --gin_file=configs/experiments/demo/gkd_jsd.gin \
-      --gin.MODEL_DIR="'/tmp/gkd/run1'" --gin.Method.lmbda=0.5 \
-      --mode=train_and_eval
+      --gin_file=experiments/demo/distill.gin --gin_file=methods/gkd_jsd_0_9.gin \
+      --gin_file=experiments/demo/half_bare/distill.gin \
+      --gin.TEACHER_DIR=/tmp/gkd_demo/teacher/export \
+      --gin.STUDENT_INIT=/tmp/gkd_demo/student_sft/export \
+      --gin.MODEL_DIR=/tmp/gkd/run1 --gin.LMBDA=0.5 --mode=train_and_eval
 
 Flags: --gin_file (repeatable; relative names are looked up in --gin_search_paths,
 the current directory and the package's configs/), --gin.NAME=VALUE (a binding
@@ -86,7 +88,7 @@ def parse_gin(files: list[str], bindings: list[str], search_paths: list[str]) ->
   files = [_find(f, paths) for f in files]
   if not files:
     raise UserError("no --gin_file given; pass an experiment, e.g. "
-                    "--gin_file=configs/experiments/demo/gkd_jsd.gin")
+                    "--gin_file=experiments/demo/teacher.gin")
   verbosity = logging.get_verbosity()
   logging.set_verbosity(logging.FATAL)  # gin logs an ERROR for every include it resolves
   try:

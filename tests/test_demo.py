@@ -31,3 +31,44 @@ def test_shortened_demo_writes_the_table_and_the_plot(tmp_path):
   # Re-running skips the finished runs and prints the same table.
   again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert again.returncode == 0 and (out / "results.md").read_text().splitlines() == table
+  # The other setting's runs would differ: refused, nothing touched.
+  other = subprocess.run(args + ["--setting=worked"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+  assert other.returncode != 0 and "--setting=half_bare" in other.stderr
+  assert (out / "results.md").read_text().splitlines() == table
+
+
+def _training_data(files: list[str]) -> tuple[dict, list[str]]:
+  """The arithmetic task's config and training targets as `files` configure them."""
+  import gin  # pylint: disable=g-import-not-at-top
+  from gkd import main  # pylint: disable=g-import-not-at-top
+  from gkd.tasks import offline, registry  # pylint: disable=g-import-not-at-top
+  gin.clear_config()
+  main.parse_gin(files, ["MODEL_DIR = '/nonexistent/run'", "TEACHER_DIR = '/t'",
+                         "STUDENT_INIT = '/s'"], [])
+  config = dict(registry.offline_arithmetic().config)
+  targets = [y for _, y in offline.generate(split="train", **config)]
+  return config, targets
+
+
+@pytest.mark.parametrize("setting", ["worked", "half_bare"])
+def test_settings_give_the_teacher_worked_solutions_and_the_student_its_data(setting):
+  import gin  # pylint: disable=g-import-not-at-top
+  from gkd import demo  # pylint: disable=g-import-not-at-top
+  teacher_files, student_files, distill_files, _, _ = demo.SETTINGS[setting]
+  teacher, teacher_targets = _training_data(["experiments/demo/teacher.gin"] + teacher_files)
+  student, student_targets = _training_data(["experiments/demo/student_sft.gin"] + student_files)
+  distill, distill_targets = _training_data(
+      ["experiments/demo/distill.gin", "methods/gkd_jsd_0_9.gin"] + distill_files)
+  learning_rate = gin.query_parameter("%LEARNING_RATE")
+  gin.clear_config()
+  bare = lambda targets: sum(t.startswith("####") for t in targets) / len(targets)
+  assert bare(teacher_targets) == 0.0  # the teacher always learns from worked solutions
+  assert distill == student and distill_targets == student_targets
+  same_problems = {k: v for k, v in student.items() if not k.startswith("label_noise")}
+  assert same_problems == {k: v for k, v in teacher.items() if not k.startswith("label_noise")}
+  if setting == "worked":
+    assert bare(student_targets) == 0.0 and learning_rate == 3e-4
+  else:
+    assert 0.45 < bare(student_targets) < 0.55 and learning_rate == 1e-3
+    assert (student["min_steps"], student["max_steps"]) == (2, 3)

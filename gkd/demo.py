@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import NamedTuple, Optional
 
 from absl import app, flags, logging
 
@@ -45,19 +46,24 @@ flags.DEFINE_list("seeds", None, "Seeds of the distillation runs (default: the s
 flags.DEFINE_integer("teacher_steps", 600, "Teacher training steps.")
 flags.DEFINE_integer("student_steps", 300, "Student supervised fine-tuning steps.")
 flags.DEFINE_integer("distill_steps", None, "Steps of each method from the SFT student "
-                     "(default: the setting's).")
-flags.DEFINE_integer("workers", 2, "Runs at once (each a `gkd.main` process; on 2 CPU cores "
-                     "two nearly halve the wall time).")
+                     "(default: the setting's NUM_STEPS, 200 or 1000).")
+flags.DEFINE_integer("workers", 2, "Runs at once (each a `gkd.main` subprocess).")
 flags.DEFINE_integer("eval_examples", 500, "Held-out problems per evaluation (500: the whole "
                      "validation split).")
 
-# setting -> extra Gin files of (teacher, student SFT, distillation), default
-# distillation steps and seeds.
+class Setting(NamedTuple):
+  """Extra Gin files of each step (after the step's own), and the default seeds."""
+  teacher: list[str]
+  student: list[str]
+  distill: list[str]
+  seeds: list[int]
+
+
 SETTINGS = {
-    "worked": ([], [], [], 200, [0, 1, 2]),
-    "half_bare": (["experiments/demo/half_bare/task.gin"],
-                  ["experiments/demo/half_bare/student_data.gin"],
-                  ["experiments/demo/half_bare/distill.gin"], 1000, [0]),
+    "worked": Setting([], [], [], [0, 1, 2]),
+    "half_bare": Setting(["experiments/demo/half_bare/task.gin"],
+                         ["experiments/demo/half_bare/student_data.gin"],
+                         ["experiments/demo/half_bare/distill.gin"], [0]),
 }
 METHODS = ("sft", "supervised_kd", "gkd_reverse_kl", "gkd_jsd_0_9")
 LABELS = {"sft": "supervised fine-tuning", "supervised_kd": "supervised KD (λ=0, FKL)",
@@ -116,9 +122,11 @@ def plot(rows: dict[str, list[float]], teacher: float, path: str) -> None:
 
 
 def demo(out: str, seeds: list[int], teacher_steps: int, student_steps: int,
-         distill_steps: int, eval_examples: int, setting: str = "worked",
+         distill_steps: Optional[int], eval_examples: int, setting: str = "half_bare",
          workers: int = 2) -> dict[str, list[float]]:
-  teacher_files, student_files, distill_files, _, _ = SETTINGS[setting]
+  """Runs every step (`distill_steps=None`: the setting's NUM_STEPS); returns the
+  accuracies per method, in `seeds` order."""
+  files = SETTINGS[setting]
   os.makedirs(out, exist_ok=True)
   marker = os.path.join(out, "setting.txt")  # finished runs are reused: never mix settings
   if os.path.exists(marker):
@@ -131,24 +139,24 @@ def demo(out: str, seeds: list[int], teacher_steps: int, student_steps: int,
     with open(marker, "w") as f:
       f.write(setting + "\n")
   base = [f"gkd.train.EvalConfig.max_examples = {eval_examples}"]
+  steps = [] if distill_steps is None else [f"NUM_STEPS = {distill_steps}"]
   teacher_export = os.path.join(out, "teacher", "export")
   student_export = os.path.join(out, "student_sft", "export")
   distill_runs = {
       (seed, method): (os.path.join(out, f"{method}_seed{seed}"),
-                       ["experiments/demo/distill.gin", f"methods/{method}.gin"] + distill_files,
-                       base + [f"NUM_STEPS = {distill_steps}", f"SEED = {seed}",
-                               f"TEACHER_DIR = {teacher_export!r}",
-                               f"STUDENT_INIT = {student_export!r}"])
+                       ["experiments/demo/distill.gin", f"methods/{method}.gin"] + files.distill,
+                       base + steps + [f"SEED = {seed}", f"TEACHER_DIR = {teacher_export!r}",
+                                       f"STUDENT_INIT = {student_export!r}"])
       for seed in seeds for method in METHODS}
   # Each run starts once what it reads exists and a worker is free (the student's
   # SFT, and continued SFT, need no teacher); the slow on-policy runs go first.
   requires = {k: {"student_sft"} | ({"teacher"} if k[1] != "sft" else set())
               for k in sorted(distill_runs, key=lambda k: "gkd" not in k[1])}
   first = {"teacher": (os.path.join(out, "teacher"),
-                       ["experiments/demo/teacher.gin"] + teacher_files,
+                       ["experiments/demo/teacher.gin"] + files.teacher,
                        base + [f"NUM_STEPS = {teacher_steps}"]),
            "student_sft": (os.path.join(out, "student_sft"),
-                           ["experiments/demo/student_sft.gin"] + student_files,
+                           ["experiments/demo/student_sft.gin"] + files.student,
                            base + [f"NUM_STEPS = {student_steps}"])}
   results = {}
   with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
@@ -183,11 +191,10 @@ def main(argv: list[str]) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)
   started = time.time()
-  *_, default_steps, default_seeds = SETTINGS[FLAGS.setting]
-  seeds = default_seeds if FLAGS.seeds is None else [int(s) for s in FLAGS.seeds]
-  steps = default_steps if FLAGS.distill_steps is None else FLAGS.distill_steps
+  seeds = (SETTINGS[FLAGS.setting].seeds if FLAGS.seeds is None
+           else [int(s) for s in FLAGS.seeds])
   try:
-    demo(FLAGS.out, seeds, FLAGS.teacher_steps, FLAGS.student_steps, steps,
+    demo(FLAGS.out, seeds, FLAGS.teacher_steps, FLAGS.student_steps, FLAGS.distill_steps,
          FLAGS.eval_examples, FLAGS.setting, FLAGS.workers)
   except RuntimeError as e:
     sys.exit(f"demo: {e}")

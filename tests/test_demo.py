@@ -55,12 +55,13 @@ def _training_data(files: list[str]) -> tuple[dict, list[str]]:
 def test_settings_give_the_teacher_worked_solutions_and_the_student_its_data(setting):
   import gin  # pylint: disable=g-import-not-at-top
   from gkd import demo  # pylint: disable=g-import-not-at-top
-  teacher_files, student_files, distill_files, _, _ = demo.SETTINGS[setting]
-  teacher, teacher_targets = _training_data(["experiments/demo/teacher.gin"] + teacher_files)
-  student, student_targets = _training_data(["experiments/demo/student_sft.gin"] + student_files)
+  files = demo.SETTINGS[setting]
+  teacher, teacher_targets = _training_data(["experiments/demo/teacher.gin"] + files.teacher)
+  student, student_targets = _training_data(["experiments/demo/student_sft.gin"] + files.student)
   distill, distill_targets = _training_data(
-      ["experiments/demo/distill.gin", "methods/gkd_jsd_0_9.gin"] + distill_files)
+      ["experiments/demo/distill.gin", "methods/gkd_jsd_0_9.gin"] + files.distill)
   learning_rate = gin.query_parameter("%LEARNING_RATE")
+  distill_steps = gin.query_parameter("%NUM_STEPS")
   gin.clear_config()
   bare = lambda targets: sum(t.startswith("####") for t in targets) / len(targets)
   assert bare(teacher_targets) == 0.0  # the teacher always learns from worked solutions
@@ -68,7 +69,8 @@ def test_settings_give_the_teacher_worked_solutions_and_the_student_its_data(set
   same_problems = {k: v for k, v in student.items() if not k.startswith("label_noise")}
   assert same_problems == {k: v for k, v in teacher.items() if not k.startswith("label_noise")}
   if setting == "worked":
-    assert bare(student_targets) == 0.0 and learning_rate == 3e-4
+    assert bare(student_targets) == 0.0 and learning_rate == 3e-4 and distill_steps == 200
   else:
     assert 0.45 < bare(student_targets) < 0.55 and learning_rate == 1e-3
+    assert distill_steps == 1000
     assert (student["min_steps"], student["max_steps"]) == (2, 3)

@@ -17,6 +17,10 @@ with positions cumsum(mask) - 1, and their logit at column I-1+t predicts
 target t. Encoder-decoder models read shift_right(target_tokens) with the
 decoder start token.
 
+The train step never needs `logits`: it takes `hidden` states and applies
+`head` a chunk of tokens at a time inside the loss (gkd/losses/fused.py), so
+no [B, O, V] array exists.
+
 Parameters: `init` returns a *boxed* pytree (flax `nn.LogicallyPartitioned`
 leaves carrying logical axis names); every other method takes plain
 (`nn.unbox`-ed) parameters.
@@ -41,8 +45,25 @@ class Model(Protocol):
   def init(self, rng: Array, batch: Batch) -> Params:
     """Boxed parameters (logical axis names on every leaf)."""
 
+  def hidden(self, params: Params, batch: Batch) -> Array:
+    """Teacher-forced final decoder states at target positions: [B, O, E].
+
+    Final-normed (T5 with `scale_decoder_outputs`: also scaled by
+    d_model**-0.5), in the activation dtype; `head` maps them to logits.
+    """
+
+  def head_params(self, params: Params) -> Params:
+    """The subtree of `params` that `head` reads (tied embedding or lm_head)."""
+
+  def head(self, params: Params, hidden: Array) -> Array:
+    """Output projection [..., E] -> float32[..., V]; `params` is the full tree or
+    `head_params(params)`."""
+
   def logits(self, params: Params, batch: Batch) -> Array:
-    """Teacher-forced next-token logits at target positions: float32[B, O, V]."""
+    """Teacher-forced next-token logits at target positions: float32[B, O, V].
+
+    Equal to `head(params, hidden(params, batch))`.
+    """
 
   def init_cache(self, params: Params, batch: Batch, max_new: int) -> tuple[Cache, Array]:
     """Prepares decoding of up to `max_new` new tokens.

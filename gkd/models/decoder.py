@@ -42,6 +42,10 @@ class DecoderConfig:
   max_len: int = 4096  # max_position_embeddings, only recorded for export
   dtype: str = 'bfloat16'  # activations
   param_dtype: str = 'float32'
+  remat: str = 'none'  # activation rematerialisation per block: layers.REMAT_POLICIES
+
+  def __post_init__(self):
+    layers.check_remat(self.remat)
 
   @property
   def rope_scaling(self) -> dict[str, float] | None:
@@ -80,33 +84,45 @@ class Decoder(nn.Module):
   """The decoder stack; one code path for full sequences, prefill and decode steps."""
   cfg: DecoderConfig
 
-  @nn.compact
-  def __call__(self, tokens: Array, positions: Array, key_mask: Array,
-               cache: list | None = None, index: Array | int = 0,
-               logits_from: int | None = 0):
+  def setup(self):
+    cfg, dt = self.cfg, layers.dtypes_of(self.cfg)
+    self.embed = layers.Embed(cfg.vocab_size, cfg.embed_dim, init_std=0.02, **dt)
+    block = layers.remat(DecoderBlock, cfg.remat)
+    self.layers = [block(cfg) for _ in range(cfg.num_layers)]
+    self.final_norm = layers.RMSNorm(cfg.norm_eps, **dt)
+    if not cfg.tie_embeddings:
+      self.lm_head = layers.LMHead(cfg.vocab_size, **dt)
+
+  def hidden(self, tokens: Array, positions: Array, key_mask: Array,
+             cache: list | None = None, index: Array | int = 0,
+             hidden_from: int | None = 0):
     """Runs tokens int[B, L] at columns index..index+L-1.
 
     key_mask int[B, S]: 1 on real keys (S = L without a cache, else the cache
-    length). cache: per-layer (k, v) [B, S, K, D] or None. Returns
-    (float32 logits [B, L - logits_from, V] or None, new per-layer cache).
+    length). cache: per-layer (k, v) [B, S, K, D] or None. Returns (the
+    final-normed states [B, L - hidden_from, E] or None, new per-layer cache).
     """
-    cfg, dt = self.cfg, layers.dtypes_of(self.cfg)
-    embed = layers.Embed(cfg.vocab_size, cfg.embed_dim, name='embed', init_std=0.02, **dt)
-    x = layers.constrain(embed(tokens), layers.BLE)
+    x = layers.constrain(self.embed(tokens), layers.BLE)
     mask = layers.causal_mask(index, tokens.shape[1], key_mask)
     new_cache = []
-    for i in range(cfg.num_layers):
-      x, kv = DecoderBlock(cfg, name=f'layers_{i}')(
-          x, positions, mask, None if cache is None else cache[i], index)
+    for i, block in enumerate(self.layers):
+      x, kv = block(x, positions, mask, None if cache is None else cache[i], index)
       new_cache.append(kv)
-    if logits_from is None:
+    if hidden_from is None:
       return None, new_cache
-    x = layers.RMSNorm(cfg.norm_eps, name='final_norm', **dt)(x[:, logits_from:])
-    if cfg.tie_embeddings:
-      logits = embed.attend(x)
-    else:
-      logits = layers.LMHead(cfg.vocab_size, name='lm_head', **dt)(x)
-    return layers.constrain(logits, layers.BLV), new_cache
+    return self.final_norm(x[:, hidden_from:]), new_cache
+
+  def head(self, x: Array) -> Array:
+    """Final-normed states [B, L, E] -> float32 logits [B, L, V]."""
+    logits = self.embed.attend(x) if self.cfg.tie_embeddings else self.lm_head(x)
+    return layers.constrain(logits, layers.BLV)
+
+  def __call__(self, tokens: Array, positions: Array, key_mask: Array,
+               cache: list | None = None, index: Array | int = 0,
+               logits_from: int | None = 0):
+    """`hidden` then `head`: (float32 logits [B, L - logits_from, V] or None, new cache)."""
+    x, new_cache = self.hidden(tokens, positions, key_mask, cache, index, logits_from)
+    return (None if x is None else self.head(x)), new_cache
 
 
 def positions_from_mask(mask: Array) -> Array:
@@ -132,15 +148,28 @@ class DecoderModel:
     tokens = jnp.zeros(shape, jnp.int32)
     return self.module.init(rng, tokens, tokens, jnp.ones(shape, jnp.int32))['params']
 
-  def logits(self, params: Params, batch: Batch) -> Array:
-    """float32[B, O, V]."""
+  def hidden(self, params: Params, batch: Batch) -> Array:
+    """Final-normed decoder states at target positions: [B, O, E] (activation dtype)."""
     inputs = batch['input_tokens']
     targets = batch['target_tokens'][:, :-1]
     tokens = jnp.concatenate([inputs, targets], axis=1)
     mask = jnp.concatenate([batch['input_mask'], jnp.ones_like(targets)], axis=1)
-    logits, _ = self.module.apply({'params': params}, tokens, positions_from_mask(mask), mask,
-                                  logits_from=inputs.shape[1] - 1)
-    return logits
+    hidden, _ = self.module.apply({'params': params}, tokens, positions_from_mask(mask), mask,
+                                  hidden_from=inputs.shape[1] - 1, method=Decoder.hidden)
+    return hidden
+
+  def head_params(self, params: Params) -> Params:
+    """The part of `params` that `head` reads."""
+    name = 'embed' if self.config.tie_embeddings else 'lm_head'
+    return {name: params[name]}
+
+  def head(self, params: Params, hidden: Array) -> Array:
+    """[B, L, E] -> float32[B, L, V]; `params` may be the full tree or `head_params(...)`."""
+    return self.module.apply({'params': params}, hidden, method=Decoder.head)
+
+  def logits(self, params: Params, batch: Batch) -> Array:
+    """float32[B, O, V]: `head(params, hidden(params, batch))`."""
+    return self.head(params, self.hidden(params, batch))
 
   def init_cache(self, params: Params, batch: Batch, max_new: int) -> tuple[Cache, Array]:
     """Prefills all prompt tokens but the last into a cache of I - 1 + max_new columns."""

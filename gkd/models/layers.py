@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gkd.errors import UserError
+
 Array = jax.Array
 DType = Any
 
@@ -34,6 +36,31 @@ def dtypes_of(cfg: Any) -> dict[str, DType]:
 
 def constrain(x: Array, names: Sequence[str]) -> Array:
   return nn.with_logical_constraint(x, tuple(names))
+
+
+# What a block keeps for the backward pass (jax.checkpoint policies): everything
+# ('none': no rematerialisation), only its input ('full': the backward pass reruns
+# the block), or its input and the outputs of its weight matmuls ('dots': attention
+# scores, softmax and activations are recomputed, the projections are not).
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def check_remat(name: Any) -> None:
+  if name not in REMAT_POLICIES:
+    raise UserError(f'remat={name!r} is not a rematerialisation policy; choose one of '
+                    f'{", ".join(REMAT_POLICIES)}')
+
+
+def remat(block: type, name: str) -> type:
+  """`block` (a Module class) with the named policy; 'none' returns it unchanged."""
+  check_remat(name)
+  if name == 'none':
+    return block
+  return nn.remat(block, policy=REMAT_POLICIES[name])
 
 
 class Dense(nn.Module):

@@ -42,6 +42,10 @@ class T5Config:
   decoder_start_id: int = 0
   dtype: str = 'bfloat16'
   param_dtype: str = 'float32'
+  remat: str = 'none'  # activation rematerialisation per block: layers.REMAT_POLICIES
+
+  def __post_init__(self):
+    layers.check_remat(self.remat)
 
 
 class T5Block(nn.Module):
@@ -89,10 +93,11 @@ class T5(nn.Module):
         cfg.relpos_buckets, cfg.relpos_max_distance, cfg.num_heads, bidirectional, **dt)
     self.token_embed = layers.Embed(cfg.vocab_size, cfg.embed_dim, **dt)
     self.encoder_relpos = relpos(True)
-    self.encoder_layers = [T5Block(cfg, False) for _ in range(cfg.num_encoder_layers)]
+    block = layers.remat(T5Block, cfg.remat)
+    self.encoder_layers = [block(cfg, False) for _ in range(cfg.num_encoder_layers)]
     self.encoder_norm = layers.RMSNorm(cfg.norm_eps, **dt)
     self.decoder_relpos = relpos(False)
-    self.decoder_layers = [T5Block(cfg, True) for _ in range(cfg.num_decoder_layers)]
+    self.decoder_layers = [block(cfg, True) for _ in range(cfg.num_decoder_layers)]
     self.decoder_norm = layers.RMSNorm(cfg.norm_eps, **dt)
     if not cfg.tie_embeddings:
       self.lm_head = layers.LMHead(cfg.vocab_size, **dt)
@@ -108,9 +113,13 @@ class T5(nn.Module):
     encoded = self.encoder_norm(x)
     return [layer.cross.project_kv(encoded) for layer in self.decoder_layers]
 
-  def decode(self, tokens: Array, cross_kv: list, cross_mask: Array,
-             cache: list | None = None, index: Array | int = 0):
-    """Decoder on tokens int[B, L] at columns index..; returns (float32[B, L, V], cache)."""
+  def decode_hidden(self, tokens: Array, cross_kv: list, cross_mask: Array,
+                    cache: list | None = None, index: Array | int = 0):
+    """Decoder on tokens int[B, L] at columns index..; returns (final states [B, L, E], cache).
+
+    The states are final-normed (and scaled by d_model**-0.5 with
+    `scale_decoder_outputs`): `head` maps them to logits.
+    """
     b, n = tokens.shape
     size = n if cache is None else cache[0][0].shape[1]
     x = layers.constrain(self.token_embed(tokens), layers.BLE)
@@ -125,15 +134,25 @@ class T5(nn.Module):
     x = self.decoder_norm(x)
     if self.cfg.scale_decoder_outputs:
       x = x * self.cfg.embed_dim ** -0.5
-    if self.cfg.tie_embeddings:
-      logits = self.token_embed.attend(x)
-    else:
-      logits = self.lm_head(x)
-    return layers.constrain(logits, layers.BLV), new_cache
+    return x, new_cache
+
+  def head(self, x: Array) -> Array:
+    """Final decoder states [B, L, E] -> float32 logits [B, L, V]."""
+    logits = self.token_embed.attend(x) if self.cfg.tie_embeddings else self.lm_head(x)
+    return layers.constrain(logits, layers.BLV)
+
+  def decode(self, tokens: Array, cross_kv: list, cross_mask: Array,
+             cache: list | None = None, index: Array | int = 0):
+    """`decode_hidden` then `head`: (float32[B, L, V], cache)."""
+    x, new_cache = self.decode_hidden(tokens, cross_kv, cross_mask, cache, index)
+    return self.head(x), new_cache
+
+  def hidden(self, inputs: Array, input_mask: Array, decoder_tokens: Array) -> Array:
+    x, _ = self.decode_hidden(decoder_tokens, self.encode(inputs, input_mask), input_mask)
+    return x
 
   def __call__(self, inputs: Array, input_mask: Array, decoder_tokens: Array) -> Array:
-    logits, _ = self.decode(decoder_tokens, self.encode(inputs, input_mask), input_mask)
-    return logits
+    return self.head(self.hidden(inputs, input_mask, decoder_tokens))
 
 
 def shift_right(targets: Array, start_id: int) -> Array:
@@ -157,11 +176,24 @@ class T5Model:
     targets = jnp.zeros(batch['target_tokens'].shape, jnp.int32)
     return self.module.init(rng, inputs, jnp.ones_like(inputs), targets)['params']
 
-  def logits(self, params: Params, batch: Batch) -> Array:
-    """float32[B, O, V]."""
+  def hidden(self, params: Params, batch: Batch) -> Array:
+    """Final decoder states at target positions: [B, O, E] (activation dtype)."""
     decoder_tokens = shift_right(batch['target_tokens'], self.config.decoder_start_id)
     return self.module.apply({'params': params}, batch['input_tokens'], batch['input_mask'],
-                             decoder_tokens)
+                             decoder_tokens, method=T5.hidden)
+
+  def head_params(self, params: Params) -> Params:
+    """The part of `params` that `head` reads."""
+    name = 'token_embed' if self.config.tie_embeddings else 'lm_head'
+    return {name: params[name]}
+
+  def head(self, params: Params, hidden: Array) -> Array:
+    """[B, L, E] -> float32[B, L, V]; `params` may be the full tree or `head_params(...)`."""
+    return self.module.apply({'params': params}, hidden, method=T5.head)
+
+  def logits(self, params: Params, batch: Batch) -> Array:
+    """float32[B, O, V]: `head(params, hidden(params, batch))`."""
+    return self.head(params, self.hidden(params, batch))
 
   def init_cache(self, params: Params, batch: Batch, max_new: int) -> tuple[Cache, Array]:
     cfg = self.config

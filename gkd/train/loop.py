@@ -152,7 +152,10 @@ def setup(model_dir: str, student: ModelSource, teacher: Optional[ModelSource],
   if method.needs_teacher:
     teacher_model, teacher_params, teacher_sh = teacher.load(k_teacher, example, mesh, rules)
   _check_models(student_model, teacher_model, tasks.vocabulary_of(task))
-  fingerprint = dict(student=registry.config_to_dict(student_model.config), task=data["name"],
+  # remat changes how the backward pass runs, not the model: a restart may change it.
+  student_config = {k: v for k, v in registry.config_to_dict(student_model.config).items()
+                    if k != "remat"}
+  fingerprint = dict(student=student_config, task=data["name"],
                      teacher=teacher.describe() if teacher_model else None)
   _check_model_dir(model_dir, fingerprint)
   return Setup(model_dir, data, mesh, rules, student_model, params, param_sh, teacher_model,

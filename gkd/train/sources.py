@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from gkd import models, partitioning
 from gkd.errors import UserError
+from gkd.models import layers
 from gkd.models.api import Model
 
 
@@ -31,6 +32,9 @@ class ModelSource:
     hf_dir: a Hugging Face directory (config.json + *.safetensors).
     dtype: activation dtype override ('bfloat16', 'float32').
     param_dtype: parameter dtype override (e.g. a bfloat16 teacher).
+    remat: activation rematerialisation of each block in the student's
+      backward pass: 'none', 'full' or 'dots' (gkd.models.layers.REMAT_POLICIES);
+      unset keeps the model config's (default 'none').
   """
 
   config: Any = None
@@ -38,8 +42,11 @@ class ModelSource:
   hf_dir: Optional[str] = None
   dtype: Optional[str] = None
   param_dtype: Optional[str] = None
+  remat: Optional[str] = None
 
   def __post_init__(self):
+    if self.remat is not None:
+      layers.check_remat(self.remat)
     given = [k for k in ("config", "checkpoint", "hf_dir") if getattr(self, k) is not None]
     if len(given) != 1:
       raise UserError(f"a ModelSource needs exactly one of config / checkpoint / hf_dir; "
@@ -58,13 +65,18 @@ class ModelSource:
   def _overrides(self) -> dict:
     return {k: v for k, v in (("dtype", self.dtype), ("param_dtype", self.param_dtype)) if v}
 
+  def _with_remat(self, model: Model) -> Model:
+    if not self.remat:  # same parameters either way; only the backward pass changes
+      return model
+    return models.build_model(dataclasses.replace(model.config, remat=self.remat))
+
   def load(self, rng: jax.Array, batch: dict, mesh, rules) -> tuple[Model, Any, Any]:
     """Returns (model, params placed on the mesh, their shardings)."""
     if self.config is not None:
       config = self.config
       if self._overrides():
         config = dataclasses.replace(config, **self._overrides())
-      model = models.build_model(config)
+      model = self._with_remat(models.build_model(config))
       params, shardings = partitioning.init_sharded(model, rng, batch, mesh, rules)
       return model, params, shardings
     if self.checkpoint is not None:
@@ -74,4 +86,4 @@ class ModelSource:
       model, params = models.load_hf(self.hf_dir, mesh=mesh, rules=rules, **self._overrides())
     if self.param_dtype:
       params = jax.tree.map(lambda x: x.astype(jnp.dtype(self.param_dtype)), params)
-    return model, params, jax.tree.map(lambda x: x.sharding, params)
+    return self._with_remat(model), params, jax.tree.map(lambda x: x.sharding, params)

@@ -98,8 +98,13 @@ def jsonl_task(train_path: Optional[str] = None,
                test_path: Optional[str] = None, *, input_field: str = "input",
                target_field: str = "target",
                metric_names: Sequence[str] = ("rouge",),
-               keep_input_end: bool = False) -> registry.TaskSpec:
-  """A task from JSONL files; metric_names among 'accuracy', 'bleu', 'rouge'."""
+               keep_input_end: bool = False,
+               route_field: Optional[str] = None) -> registry.TaskSpec:
+  """A task from JSONL files; metric_names among 'accuracy', 'bleu', 'rouge'.
+
+  route_field: a string field naming the teacher that scores each example
+  when several teachers are routed (e.g. "teacher_id"; gkd/train/teachers.py).
+  """
   paths = {"train": train_path, "validation": validation_path,
            "test": test_path}
   paths = {split: p for split, p in paths.items() if p}
@@ -109,7 +114,7 @@ def jsonl_task(train_path: Optional[str] = None,
   unknown = set(metric_names) - set(METRICS)
   if unknown:
     raise UserError(f"unknown metrics {sorted(unknown)}; use {sorted(METRICS)}")
-  fields = (input_field, target_field)
+  fields = (input_field, target_field) + ((route_field,) if route_field else ())
   splits = {s: functools.partial(read_jsonl, p, fields)
             for s, p in paths.items()}
   # Read (and check) every file now, before anything is written.

@@ -18,7 +18,7 @@ Two backends give the same contract:
 
 import dataclasses
 import functools
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import gin
 import numpy as np
@@ -29,13 +29,15 @@ from gkd.errors import UserError
 from gkd.tasks import features
 from gkd.tasks import registry
 
-Example = tuple[np.ndarray, np.ndarray, str, str]  # inputs, targets, texts
+# inputs, targets, their texts, and the example's route ("" when it has none)
+Example = tuple[np.ndarray, np.ndarray, str, str, str]
+ROUTE_KEY = "teacher_route"  # int32[B] in batches of an iterator given `routes`
 
 
 def _as_example(ex: dict) -> Example:
   text = lambda k: ex[k].decode("utf-8") if k in ex else ""
   return (np.asarray(ex["inputs"], np.int32), np.asarray(ex["targets"], np.int32),
-          text("inputs_pretokenized"), text("targets_pretokenized"))
+          text("inputs_pretokenized"), text("targets_pretokenized"), text("route"))
 
 
 def _dataset(task: seqio.Task, split: str) -> tf.data.Dataset:
@@ -123,13 +125,13 @@ class BatchIterator:
 
   def __init__(self, stream, converter: features.Converter, *, batch_size: int,
                shard_index: int, num_shards: int, repeat: bool,
-               identity: dict[str, Any]):
+               identity: dict[str, Any], routes: Optional[Mapping[str, int]] = None):
     if num_shards < 1 or not 0 <= shard_index < num_shards:
       raise UserError(f"shard_index={shard_index} is not in [0, {num_shards})")
     if batch_size < 1 or batch_size % num_shards:
       raise UserError(f"batch_size={batch_size} must be a positive multiple "
                       f"of the number of shards ({num_shards})")
-    self._stream, self.converter = stream, converter
+    self._stream, self.converter, self._routes = stream, converter, routes
     self.batch_size, self.repeat, self._identity = batch_size, repeat, identity
     rows = batch_size // num_shards
     self._rows = slice(shard_index * rows, (shard_index + 1) * rows)
@@ -159,7 +161,12 @@ class BatchIterator:
         self._epoch, self._position = saved
         raise StopIteration
       examples.append(ex)
-    return self.converter.batch([ex[:2] for ex in examples[self._rows]])
+    mine = examples[self._rows]
+    batch = self.converter.batch([ex[:2] for ex in mine])
+    if self._routes is not None:
+      batch[ROUTE_KEY] = np.asarray([route_index(self._routes, ex[4]) for ex in mine],
+                                    np.int32)
+    return batch
 
   def state(self) -> dict[str, Any]:
     return dict(self._identity, epoch=self._epoch, position=self._position)
@@ -171,6 +178,22 @@ class BatchIterator:
                         f"but this run has {value!r}; restore with the same "
                         "task data, split, seed, batch size and backend")
     self._epoch, self._position = int(state["epoch"]), int(state["position"])
+
+
+def route_index(routes: Mapping[str, int], route: str) -> int:
+  """The teacher index of an example's route; UserError if no teacher has that name."""
+  if route not in routes:
+    what = f"route {route!r}" if route else "no route"
+    raise UserError(f"an example has {what} but the configured teachers are "
+                    f"{sorted(routes)}; give every example a route naming one of them "
+                    "(e.g. the JSONL field bound to tasks.jsonl_task.route_field)")
+  return routes[route]
+
+
+def routes_of(task, split: str) -> set[str]:
+  """Every route name in a split (the examples are read into memory)."""
+  task = registry.resolve(task)
+  return {ex[4] for ex in materialise(task.name, split)}
 
 
 @gin.configurable(module="tasks")
@@ -194,13 +217,16 @@ def batch_iterator(task, split: str, *, input_length: int, target_length: int,
                    batch_size: int, seed: int, shard_index: int = 0,
                    num_shards: int = 1, repeat: bool = True,
                    shuffle: Optional[bool] = None,
-                   in_memory: Optional[bool] = None) -> BatchIterator:
+                   in_memory: Optional[bool] = None,
+                   routes: Optional[Mapping[str, int]] = None) -> BatchIterator:
   """Training batches of a task (a seqio Task or registered name).
 
   batch_size is global; this shard gets batch_size // num_shards rows.
   shuffle defaults to `repeat` (training); without repeat the iterator stops
   at the end of the split, dropping a last partial batch. in_memory: None
   picks by split size (see stream_settings), True/False forces a backend.
+  routes: route name -> teacher index; batches then also hold
+  `teacher_route` int32[B] (an example whose route is not a key: UserError).
   """
   task = registry.resolve(task)
   shuffle = repeat if shuffle is None else shuffle
@@ -214,7 +240,8 @@ def batch_iterator(task, split: str, *, input_length: int, target_length: int,
                   backend=type(stream).__name__.strip("_"))
   return BatchIterator(stream, converter,
                        batch_size=batch_size, shard_index=shard_index,
-                       num_shards=num_shards, repeat=repeat, identity=identity)
+                       num_shards=num_shards, repeat=repeat, identity=identity,
+                       routes=routes)
 
 
 @dataclasses.dataclass(frozen=True)

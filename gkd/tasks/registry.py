@@ -111,16 +111,22 @@ def spec_of(task: seqio.Task) -> TaskSpec:
   return _SPECS.get(task.name) or TaskSpec(None, task.metric_fns, {})
 
 
-def text_source(splits: Mapping[str, Callable[[], Sequence[tuple[str, str]]]]
+def text_source(splits: Mapping[str, Callable[[], Sequence[tuple[str, ...]]]]
                 ) -> seqio.DataSource:
-  """A source of {"inputs", "targets"} strings from in-memory pairs."""
+  """A source of {"inputs", "targets"} strings from in-memory pairs.
+
+  Records of three strings also carry a "route" feature (the teacher that
+  scores the example when several are configured; see gkd/train/teachers.py).
+  """
 
   def dataset_fn(split: str, shuffle_files: bool, seed=None):
     del shuffle_files, seed
-    pairs = splits[split]()
-    return tf.data.Dataset.from_tensor_slices({
-        "inputs": tf.constant([p[0] for p in pairs], tf.string),
-        "targets": tf.constant([p[1] for p in pairs], tf.string)})
+    records = splits[split]()
+    columns = {"inputs": [r[0] for r in records], "targets": [r[1] for r in records]}
+    if records and len(records[0]) > 2:
+      columns["route"] = [r[2] for r in records]
+    return tf.data.Dataset.from_tensor_slices(
+        {k: tf.constant(v, tf.string) for k, v in columns.items()})
 
   return seqio.FunctionDataSource(dataset_fn, splits=tuple(splits))
 

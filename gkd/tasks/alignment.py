@@ -1,0 +1,378 @@
+"""Cross-tokenizer alignment (host, numpy): a student batch re-tokenised for a
+teacher with another vocabulary, and the text spans the two tokenisations share.
+
+    aligner = Aligner(student_vocab, teacher_vocab, input_length=I_t, target_length=O_t)
+    a = aligner(input_tokens, input_mask, target_tokens, target_mask)   # numpy -> Alignment
+    a = aligner.in_graph(batch)                     # the same through jax.pure_callback
+
+Texts. The prompt's text is `student.decode(prompt ids)`; the target's text is
+what the target's ids add to it (decoded in the prompt's context, because
+SentencePiece drops a sequence's leading space; a prompt ending with EOS is a
+T5 encoder input and its target is decoded alone). The teacher's prompt and
+target are `teacher.encode` of those texts, with the teacher's own BOS / input
+EOS conventions (`gkd.tasks.features.converter_for`), and the teacher's EOS
+appended exactly when the student's target ended with EOS.
+
+Offsets. Every target token's end is a UTF-8 byte offset into its side's
+target text, found by incremental decoding with the vocabulary's own decoder
+(Hugging Face `tokenizers.decoders.DecodeStream` for `HfTokenizerVocabulary`,
+the same algorithm over `vocab.decode` for the others): a token "ends" where
+decoding it adds complete characters; a token that adds nothing or only part
+of a character (byte-level BPE and byte-fallback pieces) has end -1 and
+belongs with the tokens after it. Decoding, not `Encoding.offsets`, because a
+span compares the probabilities of texts: offsets map a normalising teacher's
+tokens ("hello") back onto text they do not spell ("Hello").
+
+Spans. Common boundaries are the offsets where both sides have a token end;
+the aligned spans are the text pieces between consecutive common boundaries
+(one token on one side may face several on the other), plus one span for the
+EOS pair. When the teacher's decoded text differs from the student's
+(normalisation, unknown characters), boundaries are matched through a byte
+alignment of the two texts (difflib) and a span counts (`span_mask` 1) only if
+both sides spell exactly the same bytes. When the teacher's tokens exceed
+`target_length` they are cut; spans the kept tokens do not cover entirely are
+dropped (their student tokens get span -1) and `flags` has TARGET_TRUNCATED.
+"""
+
+import dataclasses
+import difflib
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import numpy as np
+import seqio
+
+from gkd.errors import UserError
+from gkd.tasks import features
+from gkd.tasks import vocabularies
+
+# Bits of Alignment.flags.
+INPUT_TRUNCATED = 1   # the teacher's prompt did not fit input_length (cut per keep_input_end)
+TARGET_TRUNCATED = 2  # the teacher's target (or its EOS) did not fit target_length
+NOT_ROUND_TRIP = 4    # the teacher's decoded target text differs from the student's
+EMPTY_PROMPT = 8      # the prompt's text is empty and the teacher has no BOS: its input is [EOS]
+
+CONTEXT_TOKENS = 8  # prompt tokens decoded before the target (decoders look only a few tokens back)
+
+
+class Alignment(NamedTuple):
+  """Fixed-shape int32 arrays. B rows, I_t / O_t the teacher's lengths, O_s the
+  student's target length, S = min(O_s, O_t) spans (never exceeded: every span
+  has at least one token on each side)."""
+  input_tokens: Any        # [B, I_t] teacher prompt, LEFT-padded (the batch contract)
+  input_mask: Any          # [B, I_t]
+  target_tokens: Any       # [B, O_t] teacher target, RIGHT-padded, + teacher EOS when the student's had EOS
+  target_mask: Any         # [B, O_t]
+  student_offsets: Any     # [B, O_s, 2] (start, end) UTF-8 bytes in the target text; -1 unknown / padding
+  teacher_offsets: Any     # [B, O_t, 2] the same in the teacher's decoded target text
+  student_span: Any        # [B, O_s] span id of each student target token, -1 outside every span
+  teacher_span: Any        # [B, O_t] span id of each teacher target token, -1 outside every span
+  span_mask: Any           # [B, S] 1 on spans both sides spell identically (the ones to compare)
+  span_count: Any          # [B] spans per row (span ids are 0 .. span_count - 1)
+  student_span_start: Any  # [B, S] student position of each span's first token (0 past span_count)
+  teacher_span_start: Any  # [B, S] teacher position of each span's first token (0 past span_count)
+  flags: Any               # [B] bits INPUT_TRUNCATED | TARGET_TRUNCATED | NOT_ROUND_TRIP | EMPTY_PROMPT
+
+  def teacher_batch(self) -> dict[str, Any]:
+    """The teacher's batch (the four contract keys of gkd/models/api.py)."""
+    return {"input_tokens": self.input_tokens, "input_mask": self.input_mask,
+            "target_tokens": self.target_tokens, "target_mask": self.target_mask}
+
+
+# --- Offsets by incremental decoding ------------------------------------------------
+
+
+def _decoder(vocab: seqio.Vocabulary) -> Callable[[list[int]], str]:
+  """`vocab.decode` on ids without ids the vocabulary lacks (a model's padded vocabulary)."""
+  size = vocab.vocab_size
+  return lambda ids: vocab.decode([i for i in ids if 0 <= i < size])
+
+
+def _stream(vocab: seqio.Vocabulary, context: list[int], ids: list[int]) -> list[Optional[str]]:
+  """Text each token adds after `context` (None: nothing, or an incomplete character).
+
+  The algorithm of Hugging Face's DecodeStream: decode a short window that ends
+  at the new token and starts at the previous emission, and emit what it adds
+  to the window without the new tokens, once that is complete text.
+  """
+  if isinstance(vocab, vocabularies.HfTokenizerVocabulary):
+    from tokenizers.decoders import DecodeStream  # pylint: disable=g-import-not-at-top
+    size, tokenizer = vocab.vocab_size, vocab.tokenizer
+    stream = DecodeStream(ids=[i for i in context if 0 <= i < size], skip_special_tokens=True)
+    return [stream.step(tokenizer, i) if 0 <= i < size else None for i in ids]
+  decode = _decoder(vocab)
+  seq = list(context) + list(ids)
+  prefix, read = 0, len(context)
+  before = decode(seq[prefix:read])
+  out = []
+  for j in range(len(context) + 1, len(seq) + 1):
+    after = decode(seq[prefix:j])
+    if len(after) > len(before) and after.startswith(before) and not after.endswith("\ufffd"):
+      out.append(after[len(before):])
+      prefix, read = read, j
+      before = decode(seq[prefix:read])
+    else:
+      out.append(None)
+  return out
+
+
+def _prefix_ends(vocab: seqio.Vocabulary, ids: list[int]) -> tuple[str, list[int]]:
+  """The fallback: decode every prefix (quadratic); an end where the prefix is
+  a prefix of the whole text and adds complete characters."""
+  decode = _decoder(vocab)
+  text = decode(ids)
+  ends, last = [], 0
+  for k in range(len(ids)):
+    piece = decode(ids[:k + 1])
+    n = len(piece.encode("utf-8"))
+    ok = text.startswith(piece) and n > last and not piece.endswith("\ufffd")
+    ends.append(n if ok else -1)
+    last = n if ok else last
+  return text, ends
+
+
+def token_ends(vocab: seqio.Vocabulary, ids: Sequence[int],
+               context: Sequence[int] = ()) -> tuple[str, list[int]]:
+  """The text `ids` add after `context`, and each token's end in it.
+
+  Returns:
+    (text, ends): ends[k] is the UTF-8 byte length of the text up to and
+    including token k, or -1 where token k adds nothing or ends inside a
+    character. The streamed text is checked against decoding everything at
+    once; on a mismatch (a decoder that rewrites earlier text), the context is
+    dropped and every prefix is decoded instead.
+  """
+  ids, context = [int(i) for i in ids], [int(i) for i in context]
+  chunks = _stream(vocab, context, ids)
+  text = "".join(c for c in chunks if c is not None)
+  decode = _decoder(vocab)
+  whole, head = decode(context + ids), decode(context)
+  if not (whole.startswith(head) and whole[len(head):] == text):
+    return _prefix_ends(vocab, ids)
+  ends, n = [], 0
+  for c in chunks:
+    if c is None:
+      ends.append(-1)
+    else:
+      n += len(c.encode("utf-8"))
+      ends.append(n)
+  return text, ends
+
+
+def _offsets(ends: list[int]) -> list[tuple[int, int]]:
+  """(start, end) per token: start is the previous token's end when known (0 first)."""
+  out, prev = [], 0
+  for e in ends:
+    out.append((prev, e))
+    prev = e
+  return out
+
+
+# --- Spans ----------------------------------------------------------------------------
+
+
+def _byte_map(a: bytes, b: bytes) -> dict[int, int]:
+  """Offsets in b -> the corresponding offsets in a, where a byte alignment matches them."""
+  if a == b:
+    return {i: i for i in range(len(a) + 1)}
+  out = {}
+  for i, j, size in difflib.SequenceMatcher(None, a, b, autojunk=False).get_matching_blocks():
+    for k in range(size + 1):
+      out.setdefault(j + k, i + k)
+  return out
+
+
+def _assign(ends: list[int], cuts: list[int]) -> list[int]:
+  """Span id per token: a span closes at the first token whose end is its cut."""
+  spans, m = [], 0
+  for e in ends:
+    if m == len(cuts):
+      spans.append(-1)
+      continue
+    spans.append(m)
+    if e == cuts[m]:
+      m += 1
+  return spans
+
+
+def _starts(spans: list[int], count: int) -> list[int]:
+  first = [0] * count
+  for pos in reversed(range(len(spans))):
+    if 0 <= spans[pos] < count:
+      first[spans[pos]] = pos
+  return first
+
+
+@dataclasses.dataclass
+class _Row:
+  input_ids: list[int]
+  target_ids: list[int]  # kept teacher target, EOS included
+  student_bytes: int  # length of the target text, student side
+  teacher_bytes: int  # and teacher side
+  student_ends: list[int]  # per student text token
+  teacher_ends: list[int]  # per kept teacher text token
+  student_span: list[int]  # per student target token (text tokens, then EOS)
+  teacher_span: list[int]  # per kept teacher target token
+  span_valid: list[int]
+  flags: int
+
+
+def _spans(s_text: str, s_ends: list[int], t_text: str, t_ends: list[int], kept: int
+           ) -> tuple[list[int], list[int], list[int]]:
+  """Span ids of the student's and the kept teacher's text tokens, and each span's validity."""
+  sb, tb = s_text.encode("utf-8"), t_text.encode("utf-8")
+  to_student = _byte_map(sb, tb)
+  student_cuts = set(e for e in s_ends if e > 0)
+  xs, ys = [], []  # common boundaries, in student and in teacher coordinates
+  for y in t_ends:
+    x = to_student.get(y, -1) if y > 0 else -1
+    if x in student_cuts and (not xs or (x > xs[-1] and y > ys[-1])):
+      xs.append(x)
+      ys.append(y)
+  s_span, t_span = _assign(s_ends, xs), _assign(t_ends, ys)
+  # Spans the kept teacher tokens do not cover entirely are dropped.
+  count = len(xs)
+  if kept < len(t_ends):
+    count = t_span[kept] if t_span[kept] >= 0 else count
+    t_span = [m if m < count else -1 for m in t_span[:kept]]
+    s_span = [m if m < count else -1 for m in s_span]
+  bounds = list(zip([0] + xs, xs, [0] + ys, ys))[:count]
+  valid = [int(sb[x0:x1] == tb[y0:y1]) for x0, x1, y0, y1 in bounds]
+  return s_span, t_span, valid
+
+
+def _context(ids: list[int], vocab: seqio.Vocabulary) -> list[int]:
+  """The prompt tokens the target is decoded after (none for a T5 encoder input)."""
+  if not ids or ids[-1] == vocab.eos_id:
+    return []
+  return ids[-CONTEXT_TOKENS:]
+
+
+@dataclasses.dataclass(frozen=True)
+class Aligner:
+  """Re-tokenises student batches for a teacher and aligns their target spans.
+
+  input_length / target_length: the teacher's I_t / O_t. keep_input_end: a too
+  long teacher prompt keeps its end instead of its start.
+  """
+  student: seqio.Vocabulary
+  teacher: seqio.Vocabulary
+  input_length: int
+  target_length: int
+  keep_input_end: bool = False
+
+  def __post_init__(self):
+    for key in ("input_length", "target_length"):
+      value = getattr(self, key)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"cross-tokenizer teacher {key}={value!r} must be a positive integer")
+    # Validates the lengths against the teacher's affixes (BOS, input EOS).
+    object.__setattr__(self, "_converter", features.converter_for(
+        self.teacher, self.input_length, self.target_length,
+        keep_input_end=self.keep_input_end))
+
+  def _input_row(self, text: str) -> tuple[list[int], int]:
+    conv = self._converter
+    ids = self.teacher.encode(text)
+    row = conv.input_row(ids).tolist()
+    affixes = (conv.bos_id is not None) + (conv.input_eos_id is not None)
+    flags = INPUT_TRUNCATED if len(ids) > self.input_length - affixes else 0
+    if not row:  # no text and no BOS: the contract needs one real input token
+      row, flags = [int(self.teacher.eos_id)], flags | EMPTY_PROMPT
+    return row, flags
+
+  def row(self, prompt: Sequence[int], target: Sequence[int], has_eos: bool) -> _Row:
+    """One row: the student's prompt ids, target text ids (before EOS), whether EOS followed."""
+    prompt, target = [int(i) for i in prompt], [int(i) for i in target]
+    s_text, s_ends = token_ends(self.student, target, _context(prompt, self.student))
+    input_ids, flags = self._input_row(_decoder(self.student)(prompt))
+    t_all = [int(i) for i in self.teacher.encode(s_text)]
+    t_text, t_ends = token_ends(self.teacher, t_all, _context(input_ids, self.teacher))
+    if t_text != s_text:
+      flags |= NOT_ROUND_TRIP
+    kept = min(len(t_all), self.target_length)
+    eos_kept = has_eos and kept < self.target_length
+    if kept < len(t_all) or (has_eos and not eos_kept):
+      flags |= TARGET_TRUNCATED
+    s_span, t_span, valid = _spans(s_text, s_ends, t_text, t_ends, kept)
+    target_ids = t_all[:kept]
+    if has_eos:
+      eos_span = len(valid)
+      s_span.append(eos_span if eos_kept else -1)
+      if eos_kept:
+        t_span.append(eos_span)
+        target_ids.append(int(self.teacher.eos_id))
+        valid.append(1)
+    return _Row(input_ids, target_ids, len(s_text.encode("utf-8")), len(t_text.encode("utf-8")),
+                s_ends, t_ends[:kept], s_span, t_span, valid, flags)
+
+  def __call__(self, input_tokens, input_mask, target_tokens, target_mask) -> Alignment:
+    """numpy int[B, I_s], [B, I_s], [B, O_s], [B, O_s] -> Alignment (numpy int32)."""
+    input_tokens, input_mask = np.asarray(input_tokens), np.asarray(input_mask)
+    target_tokens, target_mask = np.asarray(target_tokens), np.asarray(target_mask)
+    b, o_s = target_tokens.shape
+    i_t, o_t, s = self.input_length, self.target_length, min(o_s, self.target_length)
+    pad = int(self.teacher.pad_id)
+    out = Alignment(
+        input_tokens=np.full((b, i_t), pad, np.int32), input_mask=np.zeros((b, i_t), np.int32),
+        target_tokens=np.full((b, o_t), pad, np.int32), target_mask=np.zeros((b, o_t), np.int32),
+        student_offsets=np.full((b, o_s, 2), -1, np.int32),
+        teacher_offsets=np.full((b, o_t, 2), -1, np.int32),
+        student_span=np.full((b, o_s), -1, np.int32), teacher_span=np.full((b, o_t), -1, np.int32),
+        span_mask=np.zeros((b, s), np.int32), span_count=np.zeros((b,), np.int32),
+        student_span_start=np.zeros((b, s), np.int32),
+        teacher_span_start=np.zeros((b, s), np.int32), flags=np.zeros((b,), np.int32))
+    eos = int(self.student.eos_id)
+    for r in range(b):
+      prompt = input_tokens[r][input_mask[r] > 0].tolist()
+      positions = np.flatnonzero(target_mask[r] > 0)
+      ids = target_tokens[r, positions].tolist()
+      has_eos = eos in ids
+      cut = ids.index(eos) if has_eos else len(ids)
+      row = self.row(prompt, ids[:cut], has_eos)
+      pos = positions[:cut + has_eos]
+      out.input_tokens[r, i_t - len(row.input_ids):] = row.input_ids
+      out.input_mask[r, i_t - len(row.input_ids):] = 1
+      n_t = len(row.target_ids)
+      out.target_tokens[r, :n_t] = row.target_ids
+      out.target_mask[r, :n_t] = 1
+      s_off = _offsets(row.student_ends) + [(row.student_bytes,) * 2] * has_eos
+      t_off = _offsets(row.teacher_ends) + [(row.teacher_bytes,) * 2] * (
+          n_t - len(row.teacher_ends))
+      out.student_offsets[r, pos[:len(s_off)]] = np.asarray(s_off, np.int32).reshape(-1, 2)
+      out.teacher_offsets[r, :len(t_off)] = np.asarray(t_off, np.int32).reshape(-1, 2)
+      out.student_span[r, pos] = row.student_span
+      out.teacher_span[r, :n_t] = row.teacher_span
+      count = len(row.span_valid)
+      out.span_count[r] = count
+      out.span_mask[r, :count] = row.span_valid
+      out.student_span_start[r, :count] = pos[_starts(row.student_span, count)]
+      out.teacher_span_start[r, :count] = _starts(row.teacher_span, count)
+      out.flags[r] = row.flags
+    return out
+
+  def result_shapes(self, batch_size: int, student_target_length: int) -> Alignment:
+    """`jax.ShapeDtypeStruct`s of `__call__`'s output (for `jax.pure_callback`)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    b, o_s, i_t, o_t = batch_size, student_target_length, self.input_length, self.target_length
+    s = min(o_s, o_t)
+    shapes = Alignment(
+        input_tokens=(b, i_t), input_mask=(b, i_t), target_tokens=(b, o_t), target_mask=(b, o_t),
+        student_offsets=(b, o_s, 2), teacher_offsets=(b, o_t, 2), student_span=(b, o_s),
+        teacher_span=(b, o_t), span_mask=(b, s), span_count=(b,), student_span_start=(b, s),
+        teacher_span_start=(b, s), flags=(b,))
+    return Alignment(*(jax.ShapeDtypeStruct(x, np.int32) for x in shapes))
+
+  def in_graph(self, batch, target_tokens=None, target_mask=None) -> Alignment:
+    """`__call__` inside a jitted function, through `jax.pure_callback`.
+
+    batch: the student's batch (input_tokens/input_mask, and target_tokens/
+    target_mask unless given: e.g. on-policy samples).
+    """
+    import jax  # pylint: disable=g-import-not-at-top
+    targets = batch["target_tokens"] if target_tokens is None else target_tokens
+    mask = batch["target_mask"] if target_mask is None else target_mask
+    shapes = self.result_shapes(targets.shape[0], targets.shape[1])
+    return jax.pure_callback(
+        lambda *a: Alignment(*(np.asarray(x, np.int32) for x in self(*a))), shapes,
+        batch["input_tokens"], batch["input_mask"], targets, mask, vmap_method="sequential")
+

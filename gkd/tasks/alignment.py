@@ -14,14 +14,16 @@ EOS conventions (`gkd.tasks.features.converter_for`), and the teacher's EOS
 appended exactly when the student's target ended with EOS.
 
 Offsets. Every target token's end is a UTF-8 byte offset into its side's
-target text, found by incremental decoding with the vocabulary's own decoder
-(Hugging Face `tokenizers.decoders.DecodeStream` for `HfTokenizerVocabulary`,
-the same algorithm over `vocab.decode` for the others): a token "ends" where
-decoding it adds complete characters; a token that adds nothing or only part
-of a character (byte-level BPE and byte-fallback pieces) has end -1 and
-belongs with the tokens after it. Decoding, not `Encoding.offsets`, because a
-span compares the probabilities of texts: offsets map a normalising teacher's
-tokens ("hello") back onto text they do not spell ("Hello").
+target text, from the vocabulary's own decoder (`Decoder`): each id's bytes
+for SentencePiece and bytes (the piece table), Hugging Face
+`tokenizers.decoders.DecodeStream` for `HfTokenizerVocabulary`, the same
+incremental algorithm over `vocab.decode` for the word vocabulary and any
+other; each result is checked against decoding the whole sequence. A token
+"ends" where decoding it adds complete characters; a token that adds nothing
+or only part of a character (byte-level BPE and byte-fallback pieces) has end
+-1 and belongs with the tokens after it. Decoding, not `Encoding.offsets`,
+because a span compares the probabilities of texts: offsets map a normalising
+teacher's tokens ("hello") back onto text they do not spell ("Hello").
 
 Spans. Common boundaries are the offsets where both sides have a token end;
 the aligned spans are the text pieces between consecutive common boundaries
@@ -36,7 +38,8 @@ dropped (their student tokens get span -1) and `flags` has TARGET_TRUNCATED.
 
 import dataclasses
 import difflib
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+import os
+from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 import seqio
@@ -81,81 +84,140 @@ class Alignment(NamedTuple):
 # --- Offsets by incremental decoding ------------------------------------------------
 
 
-def _decoder(vocab: seqio.Vocabulary) -> Callable[[list[int]], str]:
-  """`vocab.decode` on ids without ids the vocabulary lacks (a model's padded vocabulary)."""
-  size = vocab.vocab_size
-  return lambda ids: vocab.decode([i for i in ids if 0 <= i < size])
+def _piece_table(vocab: seqio.Vocabulary) -> Optional[list[bytes]]:
+  """The bytes each id decodes to, for vocabularies whose decoding concatenates
+  them (SentencePiece up to its leading space, bytes); None for the others."""
+  if isinstance(vocab, seqio.ByteVocabulary):
+    return [b""] * 3 + [bytes([b]) for b in range(256)]
+  if isinstance(vocab, seqio.SentencePieceVocabulary):
+    sp = vocab.tokenizer
+    def piece(i):
+      if sp.IsControl(i):
+        return b""
+      if sp.IsUnknown(i):
+        return " \u2047 ".encode()  # SentencePiece's default unk_surface
+      if sp.IsByte(i):
+        return bytes([int(sp.IdToPiece(i)[3:5], 16)])
+      return sp.IdToPiece(i).replace("\u2581", " ").encode()
+    table = [piece(i) for i in range(sp.GetPieceSize())]
+    return table + [table[sp.unk_id()]] * (vocab.vocab_size - len(table))  # extra ids: unk
+  return None
 
 
-def _stream(vocab: seqio.Vocabulary, context: list[int], ids: list[int]) -> list[Optional[str]]:
-  """Text each token adds after `context` (None: nothing, or an incomplete character).
+class Decoder:
+  """Incremental decoding of one vocabulary: the text ids add and where each token ends.
 
-  The algorithm of Hugging Face's DecodeStream: decode a short window that ends
-  at the new token and starts at the previous emission, and emit what it adds
-  to the window without the new tokens, once that is complete text.
+  Three methods, tried in order, each checked against decoding the whole
+  sequence at once, so none can return offsets for another text:
+  the piece table (SentencePiece, bytes: each id's bytes, concatenated), the
+  stream (Hugging Face's DecodeStream; for the others the same algorithm over
+  `vocab.decode`), and decoding every prefix (quadratic, no context).
   """
-  if isinstance(vocab, vocabularies.HfTokenizerVocabulary):
-    from tokenizers.decoders import DecodeStream  # pylint: disable=g-import-not-at-top
-    size, tokenizer = vocab.vocab_size, vocab.tokenizer
-    stream = DecodeStream(ids=[i for i in context if 0 <= i < size], skip_special_tokens=True)
-    return [stream.step(tokenizer, i) if 0 <= i < size else None for i in ids]
-  decode = _decoder(vocab)
-  seq = list(context) + list(ids)
-  prefix, read = 0, len(context)
-  before = decode(seq[prefix:read])
-  out = []
-  for j in range(len(context) + 1, len(seq) + 1):
-    after = decode(seq[prefix:j])
-    if len(after) > len(before) and after.startswith(before) and not after.endswith("\ufffd"):
-      out.append(after[len(before):])
-      prefix, read = read, j
-      before = decode(seq[prefix:read])
-    else:
-      out.append(None)
-  return out
 
+  def __init__(self, vocab: seqio.Vocabulary):
+    self.vocab = vocab
+    self.size = vocab.vocab_size
+    self.table = _piece_table(vocab)
 
-def _prefix_ends(vocab: seqio.Vocabulary, ids: list[int]) -> tuple[str, list[int]]:
-  """The fallback: decode every prefix (quadratic); an end where the prefix is
-  a prefix of the whole text and adds complete characters."""
-  decode = _decoder(vocab)
-  text = decode(ids)
-  ends, last = [], 0
-  for k in range(len(ids)):
-    piece = decode(ids[:k + 1])
-    n = len(piece.encode("utf-8"))
-    ok = text.startswith(piece) and n > last and not piece.endswith("\ufffd")
-    ends.append(n if ok else -1)
-    last = n if ok else last
-  return text, ends
+  def decode(self, ids: Sequence[int]) -> str:
+    """`vocab.decode` without ids the vocabulary lacks (a model's padded vocabulary)."""
+    return self.vocab.decode([i for i in ids if 0 <= i < self.size])
+
+  def ends(self, ids: Sequence[int], context: Sequence[int] = ()) -> tuple[str, list[int]]:
+    """(text, ends): the text `ids` add after `context`; ends[k] is the UTF-8
+    byte length of that text up to and including token k, or -1 where token k
+    adds nothing or ends inside a character."""
+    ids, context = [int(i) for i in ids], [int(i) for i in context]
+    text = self.decode(ids)
+    if context:
+      whole, head = self.decode(context + ids), self.decode(context)
+      if whole.startswith(head):
+        text = whole[len(head):]
+      else:
+        context = []
+    for method in (self._table_ends, self._stream_ends):
+      ends = method(ids, context, text)
+      if ends is not None:
+        return text, ends
+    return text, self._prefix_ends(ids, context, text)
+
+  def _table_ends(self, ids: list[int], context: list[int], text: str) -> Optional[list[int]]:
+    if self.table is None:
+      return None
+    pieces = [self.table[i] if 0 <= i < self.size else b"" for i in ids]
+    data = b"".join(pieces)
+    try:
+      joined = data.decode("utf-8")
+    except UnicodeDecodeError:  # invalid bytes: the decoder drops or replaces them
+      return None
+    shift = 0
+    if joined != text:  # SentencePiece drops the leading space of a sequence
+      if context or joined[1:] != text or not joined.startswith(" "):
+        return None
+      shift = 1
+    ends, n, last = [], 0, 0
+    for piece in pieces:
+      n += len(piece)
+      ok = n - shift > last and (n == len(data) or data[n] & 0xC0 != 0x80)
+      ends.append(n - shift if ok else -1)
+      last = n - shift if ok else last
+    return ends
+
+  def _stream_ends(self, ids: list[int], context: list[int], text: str) -> Optional[list[int]]:
+    chunks = self._stream(ids, context)
+    if "".join(c for c in chunks if c is not None) != text:
+      return None
+    ends, n = [], 0
+    for c in chunks:
+      n += len(c.encode("utf-8")) if c is not None else 0
+      ends.append(n if c is not None else -1)
+    return ends
+
+  def _stream(self, ids: list[int], context: list[int]) -> list[Optional[str]]:
+    """Text each token adds (None: nothing, or an incomplete character).
+
+    The algorithm of Hugging Face's DecodeStream: decode a short window that
+    ends at the new token and starts at the previous emission, and emit what it
+    adds to the window without the new tokens, once that is complete text.
+    """
+    if isinstance(self.vocab, vocabularies.HfTokenizerVocabulary):
+      from tokenizers.decoders import DecodeStream  # pylint: disable=g-import-not-at-top
+      tokenizer = self.vocab.tokenizer
+      stream = DecodeStream(ids=[i for i in context if 0 <= i < self.size],
+                            skip_special_tokens=True)
+      return [stream.step(tokenizer, i) if 0 <= i < self.size else None for i in ids]
+    seq = context + ids
+    prefix, read = 0, len(context)
+    before, out = self.decode(seq[prefix:read]), []
+    for j in range(len(context) + 1, len(seq) + 1):
+      after = self.decode(seq[prefix:j])
+      if len(after) > len(before) and after.startswith(before) and not after.endswith("\ufffd"):
+        out.append(after[len(before):])
+        prefix, read = read, j
+        before = self.decode(seq[prefix:read])
+      else:
+        out.append(None)
+    return out
+
+  def _prefix_ends(self, ids: list[int], context: list[int], text: str) -> list[int]:
+    """Decode every prefix: an end where it is a prefix of the text and adds characters."""
+    head = self.decode(context)
+    ends, last = [], 0
+    for k in range(len(ids)):
+      piece = self.decode(context + ids[:k + 1])
+      piece = piece[len(head):] if piece.startswith(head) else "\ufffd"
+      n = len(piece.encode("utf-8"))
+      ok = text.startswith(piece) and n > last and not piece.endswith("\ufffd")
+      ends.append(n if ok else -1)
+      last = n if ok else last
+    return ends
 
 
 def token_ends(vocab: seqio.Vocabulary, ids: Sequence[int],
                context: Sequence[int] = ()) -> tuple[str, list[int]]:
-  """The text `ids` add after `context`, and each token's end in it.
-
-  Returns:
-    (text, ends): ends[k] is the UTF-8 byte length of the text up to and
-    including token k, or -1 where token k adds nothing or ends inside a
-    character. The streamed text is checked against decoding everything at
-    once; on a mismatch (a decoder that rewrites earlier text), the context is
-    dropped and every prefix is decoded instead.
-  """
-  ids, context = [int(i) for i in ids], [int(i) for i in context]
-  chunks = _stream(vocab, context, ids)
-  text = "".join(c for c in chunks if c is not None)
-  decode = _decoder(vocab)
-  whole, head = decode(context + ids), decode(context)
-  if not (whole.startswith(head) and whole[len(head):] == text):
-    return _prefix_ends(vocab, ids)
-  ends, n = [], 0
-  for c in chunks:
-    if c is None:
-      ends.append(-1)
-    else:
-      n += len(c.encode("utf-8"))
-      ends.append(n)
-  return text, ends
+  """`Decoder(vocab).ends(ids, context)`: the text `ids` add after `context` and
+  each token's end in it (UTF-8 bytes; -1 inside a character or adding nothing)."""
+  return Decoder(vocab).ends(ids, context)
 
 
 def _offsets(ends: list[int]) -> list[tuple[int, int]]:
@@ -171,13 +233,20 @@ def _offsets(ends: list[int]) -> list[tuple[int, int]]:
 
 
 def _byte_map(a: bytes, b: bytes) -> dict[int, int]:
-  """Offsets in b -> the corresponding offsets in a, where a byte alignment matches them."""
-  if a == b:
-    return {i: i for i in range(len(a) + 1)}
-  out = {}
-  for i, j, size in difflib.SequenceMatcher(None, a, b, autojunk=False).get_matching_blocks():
+  """Offsets in b -> the corresponding offsets in a, where a byte alignment matches them.
+
+  The common prefix and suffix map directly; difflib aligns what lies between.
+  """
+  head = len(os.path.commonprefix([a, b]))
+  tail = len(os.path.commonprefix([a[head:][::-1], b[head:][::-1]]))
+  out = {k: k for k in range(head + 1)}
+  middle = difflib.SequenceMatcher(None, a[head:len(a) - tail], b[head:len(b) - tail],
+                                   autojunk=False)
+  for i, j, size in middle.get_matching_blocks():
     for k in range(size + 1):
-      out.setdefault(j + k, i + k)
+      out.setdefault(head + j + k, head + i + k)
+  for k in range(tail + 1):
+    out.setdefault(len(b) - tail + k, len(a) - tail + k)
   return out
 
 
@@ -269,6 +338,7 @@ class Aligner:
     object.__setattr__(self, "_converter", features.converter_for(
         self.teacher, self.input_length, self.target_length,
         keep_input_end=self.keep_input_end))
+    object.__setattr__(self, "_decoders", (Decoder(self.student), Decoder(self.teacher)))
 
   def _input_row(self, text: str) -> tuple[list[int], int]:
     conv = self._converter
@@ -283,10 +353,15 @@ class Aligner:
   def row(self, prompt: Sequence[int], target: Sequence[int], has_eos: bool) -> _Row:
     """One row: the student's prompt ids, target text ids (before EOS), whether EOS followed."""
     prompt, target = [int(i) for i in prompt], [int(i) for i in target]
-    s_text, s_ends = token_ends(self.student, target, _context(prompt, self.student))
-    input_ids, flags = self._input_row(_decoder(self.student)(prompt))
+    s_text, s_ends = self._decoders[0].ends(target, _context(prompt, self.student))
+    input_ids, flags = self._input_row(self._decoders[0].decode(prompt))
     t_all = [int(i) for i in self.teacher.encode(s_text)]
-    t_text, t_ends = token_ends(self.teacher, t_all, _context(input_ids, self.teacher))
+    t_context = _context(input_ids, self.teacher)
+    t_text, t_ends = self._decoders[1].ends(t_all, t_context)
+    lead = s_text[:len(s_text) - len(s_text.lstrip(" "))]
+    if lead and not t_context and not t_text.startswith(" "):
+      # A target decoded alone (a T5 teacher) spells no leading spaces: its first token has them.
+      t_text, t_ends = lead + t_text, [e + len(lead) if e >= 0 else -1 for e in t_ends]
     if t_text != s_text:
       flags |= NOT_ROUND_TRIP
     kept = min(len(t_all), self.target_length)
@@ -343,6 +418,7 @@ class Aligner:
       out.student_span[r, pos] = row.student_span
       out.teacher_span[r, :n_t] = row.teacher_span
       count = len(row.span_valid)
+      assert count <= s, (count, s)  # every span has a token on each side
       out.span_count[r] = count
       out.span_mask[r, :count] = row.span_valid
       out.student_span_start[r, :count] = pos[_starts(row.student_span, count)]

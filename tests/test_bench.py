@@ -58,3 +58,13 @@ def test_scaling_table():
   # budget's chunk shrinks from 8 tokens to 2 and its memory does not.
   assert jsd["4096", "chunked"] > 2 * jsd["1024", "chunked"]
   assert jsd["4096", "budget"] < 1.3 * jsd["1024", "budget"]
+
+
+@pytest.mark.slow
+def test_cross_tokenizer_table():
+  rows = _run("cross_tokenizer.py", "--batch", "2", "--input_len", "8", "--target_len", "16",
+              "--repeats", "1", "--vocab", "64", "--pairs", "bpe-bpe_big,sp-bpe,byte-bpe")
+  assert _cells(rows[0])[:2] == ["student", "teacher"]
+  body = [_cells(r) for r in rows[2:]]
+  assert [(r[0], r[1]) for r in body] == [("bpe", "bpe_big"), ("sp", "bpe"), ("byte", "bpe")]
+  assert all(float(c) > 0 for r in body for c in r[4:])

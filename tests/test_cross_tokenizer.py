@@ -286,6 +286,44 @@ def test_round_trip_and_consistent_spans(vocabs, pair):
       assert (x == y) == bool(a.span_mask[r, m])
 
 
+@pytest.mark.parametrize("pair", [("small", "big"), ("sp", "small"), ("byte", "small"),
+                                  ("word", "big"), ("big", "byte")], ids="-".join)
+def test_random_samples_keep_every_invariant(vocabs, pair):
+  """Student samples of random ids (specials, unknown and padded-vocabulary ids,
+  partial characters, EOS anywhere or nowhere) and a short teacher target."""
+  student, teacher = vocabs[pair[0]], vocabs[pair[1]]
+  rng = np.random.default_rng(1)
+  batch = _batch(student, ["How many"] * 6, [""] * 6, eos=False)
+  o_s = batch["target_tokens"].shape[1]
+  batch["target_tokens"] = rng.integers(0, student.vocab_size + 4, (6, o_s)).astype(np.int32)
+  batch["target_tokens"][:3, 5] = student.eos_id
+  batch["target_mask"] = (np.arange(o_s)[None] < rng.integers(0, o_s + 1, (6, 1))).astype(
+      np.int32)
+  a = _align(student, teacher, batch, target_length=12)
+  assert a.span_mask.sum() > 0
+  s = a.span_mask.shape[1]
+  for r in range(6):
+    count = a.span_count[r]
+    assert count <= s and not a.span_mask[r, count:].any()
+    n_t = int(a.target_mask[r].sum())
+    assert not a.target_mask[r, n_t:].any() and not (a.teacher_span[r, n_t:] >= 0).any()
+    for spans, n in ((a.student_span[r], o_s), (a.teacher_span[r], n_t)):
+      used = spans[spans >= 0]
+      assert used.tolist() == sorted(used.tolist()) and set(used.tolist()) == set(range(count))
+    ids = batch["target_tokens"][r][batch["target_mask"][r] > 0].tolist()
+    if student.eos_id in ids:  # nothing after the student's EOS is aligned
+      after = np.flatnonzero(batch["target_mask"][r])[ids.index(student.eos_id) + 1:]
+      assert (a.student_span[r, after] == -1).all()
+    s_text = _target_text(student, batch, r).encode()
+    t_ids = a.target_tokens[r, :n_t].tolist()
+    t_text = alignment.token_ends(teacher, [i for i in t_ids if i != teacher.eos_id])[0].encode()
+    has_eos = student.eos_id in ids and n_t and t_ids[-1] == teacher.eos_id
+    texts = count - bool(has_eos)
+    s_sp = _span_texts(s_text, a.student_offsets[r], a.student_span[r], texts)
+    t_sp = _span_texts(t_text, a.teacher_offsets[r], a.teacher_span[r], texts)
+    assert [int(x == y) for x, y in zip(s_sp, t_sp)] == a.span_mask[r, :texts].tolist()
+
+
 def test_fixed_shapes_and_pure_callback(vocabs):
   small, big = vocabs["small"], vocabs["big"]
   aligner = alignment.Aligner(small, big, input_length=10, target_length=20)

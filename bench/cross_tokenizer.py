@@ -16,13 +16,19 @@ ULD is O(V log V) per position).
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+import seqio
+import sentencepiece as spm
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
-import numpy as np  # pylint: disable=g-import-not-at-top
+from gkd.losses import cross_tokenizer
+from gkd.tasks import alignment, features, vocabularies
 
 WORDS = ("the a one two three clips sold many half April May how did sell altogether fox dog "
          "quick brown lazy jumps over summary states key facts document naïve café über "
@@ -35,11 +41,6 @@ def corpus(n: int, seed: int) -> list[str]:
 
 
 def build_vocabularies(root: str) -> dict:
-  import seqio  # pylint: disable=g-import-not-at-top
-  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
-  import tokenizers  # pylint: disable=g-import-not-at-top
-  from tokenizers import decoders, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
-  from gkd.tasks import vocabularies  # pylint: disable=g-import-not-at-top
   lines = corpus(2000, 0)
   out = {}
   for name, size in (("bpe", 300), ("bpe_big", 2000)):
@@ -53,9 +54,9 @@ def build_vocabularies(root: str) -> dict:
     tok.save(path)
     out[name] = vocabularies.HfTokenizerVocabulary(path)
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(lines), model_prefix=os.path.join(root, "sp"), vocab_size=340, hard_vocab_limit=False,
-      pad_id=0, eos_id=1, unk_id=2, bos_id=-1, byte_fallback=True, character_coverage=1.0,
-      minloglevel=2)
+      sentence_iterator=iter(lines), model_prefix=os.path.join(root, "sp"), vocab_size=340,
+      hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, byte_fallback=True,
+      character_coverage=1.0, minloglevel=2)
   out["sp"] = seqio.SentencePieceVocabulary(os.path.join(root, "sp.model"))
   out["word"] = vocabularies.get_vocabulary("word")
   out["byte"] = seqio.ByteVocabulary()
@@ -63,7 +64,6 @@ def build_vocabularies(root: str) -> dict:
 
 
 def student_batch(vocab, batch: int, input_len: int, target_len: int) -> dict:
-  from gkd.tasks import features  # pylint: disable=g-import-not-at-top
   conv = features.converter_for(vocab, input_len, target_len)
   texts = corpus(4 * batch, 1)
   examples = []
@@ -74,7 +74,6 @@ def student_batch(vocab, batch: int, input_len: int, target_len: int) -> dict:
 
 
 def time_align(aligner, batch: dict, repeats: int) -> float:
-  from gkd.tasks import features  # pylint: disable=g-import-not-at-top
   args = [batch[k] for k in features.KEYS]
   aligner(*args)  # warm-up
   times = []
@@ -86,9 +85,6 @@ def time_align(aligner, batch: dict, repeats: int) -> float:
 
 
 def time_losses(alignment, batch: dict, vocab: int, repeats: int) -> dict:
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from gkd.losses import cross_tokenizer  # pylint: disable=g-import-not-at-top
   b, o_s = batch["target_tokens"].shape
   o_t = alignment.target_tokens.shape[1]
   k1, k2 = jax.random.split(jax.random.PRNGKey(0))
@@ -120,12 +116,12 @@ def main():
   parser.add_argument("--vocab", type=int, default=0)
   parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args()
-  from gkd.tasks import alignment, features  # pylint: disable=g-import-not-at-top
   with tempfile.TemporaryDirectory() as root:
     vocabs = build_vocabularies(root)
     print(f"batch={args.batch} input_len={args.input_len} target_len={args.target_len} "
           f"(teacher lengths the same); median of {args.repeats}")
-    header = "| student | teacher | student tokens | teacher tokens | align (ms/batch) | per row (ms) |"
+    header = ("| student | teacher | student tokens | teacher tokens | align (ms/batch) "
+              "| per row (ms) |")
     if args.vocab:
       header += " " + " | ".join(f"{m} (ms, V={args.vocab})" for m in ("uld", "uld_spans",
                                                                          "spans")) + " |"

@@ -13,5 +13,6 @@ from gkd.losses.divergences import (akl, atkd_parts, forward_kl, jsd, reverse_kl
 
 __all__ = [
     "CrossTokenizerLoss", "Divergence", "NAMES", "REDUCTIONS", "check_params", "per_token",
-    "reduce", "akl", "atkd_parts", "forward_kl", "jsd", "reverse_kl", "skew_kl", "skew_reverse_kl", "tvd",
+    "reduce", "akl", "atkd_parts", "forward_kl", "jsd", "reverse_kl", "skew_kl",
+    "skew_reverse_kl", "tvd",
 ]

@@ -63,9 +63,9 @@ class Alignment(NamedTuple):
   has at least one token on each side)."""
   input_tokens: Any        # [B, I_t] teacher prompt, LEFT-padded (the batch contract)
   input_mask: Any          # [B, I_t]
-  target_tokens: Any       # [B, O_t] teacher target, RIGHT-padded, + teacher EOS when the student's had EOS
+  target_tokens: Any       # [B, O_t] teacher target, RIGHT-padded (+ EOS iff the student's had it)
   target_mask: Any         # [B, O_t]
-  student_offsets: Any     # [B, O_s, 2] (start, end) UTF-8 bytes in the target text; -1 unknown / padding
+  student_offsets: Any     # [B, O_s, 2] (start, end) UTF-8 bytes in the target text; -1 unknown
   teacher_offsets: Any     # [B, O_t, 2] the same in the teacher's decoded target text
   student_span: Any        # [B, O_s] span id of each student target token, -1 outside every span
   teacher_span: Any        # [B, O_t] span id of each teacher target token, -1 outside every span
@@ -73,7 +73,7 @@ class Alignment(NamedTuple):
   span_count: Any          # [B] spans per row (span ids are 0 .. span_count - 1)
   student_span_start: Any  # [B, S] student position of each span's first token (0 past span_count)
   teacher_span_start: Any  # [B, S] teacher position of each span's first token (0 past span_count)
-  flags: Any               # [B] bits INPUT_TRUNCATED | TARGET_TRUNCATED | NOT_ROUND_TRIP | EMPTY_PROMPT
+  flags: Any               # [B] INPUT_TRUNCATED | TARGET_TRUNCATED | NOT_ROUND_TRIP | EMPTY_PROMPT
 
   def teacher_batch(self) -> dict[str, Any]:
     """The teacher's batch (the four contract keys of gkd/models/api.py)."""

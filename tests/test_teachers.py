@@ -106,3 +106,14 @@ def test_a_route_field_missing_from_a_line_is_a_clear_error(tmp_path):
   with pytest.raises(UserError, match="line 1: missing field 'teacher_id'"):
     tasks.get_task("jsonl", tasks.get_vocabulary("word"), train_path=path,
                    route_field="teacher_id")
+
+
+def test_offline_arithmetic_routes_by_number_of_steps():
+  vocab = tasks.get_vocabulary("word")
+  task = tasks.get_task("offline_arithmetic", vocab, num_train=64, num_eval=16, min_steps=1,
+                        max_steps=3, route_by="steps")
+  assert pipeline.routes_of(task, "train") == {"1_steps", "2_steps", "3_steps"}
+  for ex in pipeline.materialise(task.name, "train"):
+    assert ex[4] == f"{ex[3].count('=')}_steps"  # the worked solution has one line per step
+  with pytest.raises(UserError, match="route_by='items' is not a route of the arithmetic task"):
+    tasks.get_task("offline_arithmetic", vocab, num_train=8, num_eval=4, route_by="items")

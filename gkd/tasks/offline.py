@@ -292,6 +292,21 @@ def _generate(kind: str, seed: int, num_train: int, num_eval: int,
   return splits
 
 
+def arithmetic_steps(pair: Pair) -> str:
+  """The route of an arithmetic example by its number of steps: "2_steps", ...
+
+  Read from the problem (its sentences but the first and the question), so a
+  degraded target does not change it.
+  """
+  return f"{len(re.findall(r'[.?]', pair[0])) - 2}_steps"
+
+
+# (kind, route_by) -> the route name of an example (tasks' `route_by`).
+ROUTES: dict[tuple[str, str], Callable[[Pair], str]] = {
+    ("arithmetic", "steps"): arithmetic_steps,
+}
+
+
 def generate(kind: str, split: str, *, seed: int = 0, num_train: int = 20000,
              num_eval: int = 500, **params) -> Sequence[Pair]:
   """The examples of one split; train never repeats a held-out input.

@@ -131,13 +131,26 @@ def text_source(splits: Mapping[str, Callable[[], Sequence[tuple[str, ...]]]]
   return seqio.FunctionDataSource(dataset_fn, splits=tuple(splits))
 
 
+def _with_routes(read: Callable[[], Sequence[tuple[str, str]]],
+                 route: Callable[[tuple[str, str]], str]) -> list[tuple[str, str, str]]:
+  return [(*pair, route(pair)) for pair in read()]
+
+
 def _offline(kind: str, metric_fns, seed: int, num_train: int, num_eval: int,
-             **params) -> TaskSpec:
+             route_by: Optional[str] = None, **params) -> TaskSpec:
   config = dict(kind=kind, seed=seed, num_train=num_train, num_eval=num_eval,
                 **params)
   splits = {s: functools.partial(offline.generate, kind, s, seed=seed,
                                  num_train=num_train, num_eval=num_eval,
                                  **params) for s in offline.SPLITS}
+  if route_by is not None:
+    if (kind, route_by) not in offline.ROUTES:
+      choices = sorted(by for k, by in offline.ROUTES if k == kind) or ["none"]
+      raise UserError(f"route_by={route_by!r} is not a route of the {kind} task; "
+                      f"choose one of {', '.join(choices)}")
+    config["route_by"] = route_by
+    splits = {s: functools.partial(_with_routes, read, offline.ROUTES[kind, route_by])
+              for s, read in splits.items()}
   return TaskSpec(source=text_source(splits), metric_fns=metric_fns,
                   config=config)
 
@@ -149,7 +162,8 @@ def offline_arithmetic(seed: int = 0, num_train: int = 20000,
                        max_steps: int = 2, max_operand: int = 9,
                        max_value: int = 30, multiply: bool = False,
                        step_order: str = "given", label_noise: float = 0.0,
-                       label_noise_kind: str = "slip") -> TaskSpec:
+                       label_noise_kind: str = "slip",
+                       route_by: Optional[str] = None) -> TaskSpec:
   """Word problems -> "a + b = c. ... #### n"; accuracy on the final number.
 
   `step_order`: 'given' (one solution per problem) or 'any' (additions and
@@ -157,6 +171,8 @@ def offline_arithmetic(seed: int = 0, num_train: int = 20000,
   `label_noise`: the fraction of training targets degraded (validation and
   test stay correct): `label_noise_kind` 'slip' (one arithmetic slip, carried
   on) or 'answer_only' (the chain of thought dropped: "#### n").
+  `route_by='steps'` gives each example the route "<n>_steps" (its number of
+  steps), for teachers routed per example (gkd/train/teachers.py).
 
   The defaults suit a ~1M-parameter model on CPU (about half the validation
   set right after ~500 steps of batch 32); raise max_steps / max_value for
@@ -174,7 +190,7 @@ def offline_arithmetic(seed: int = 0, num_train: int = 20000,
                   num_eval, min_steps=min_steps, max_steps=max_steps,
                   max_operand=max_operand, max_value=max_value,
                   multiply=multiply, step_order=step_order, label_noise=label_noise,
-                  label_noise_kind=label_noise_kind)
+                  label_noise_kind=label_noise_kind, route_by=route_by)
 
 
 @register_builder("offline_translation")

@@ -42,6 +42,10 @@ class SampleConfig:
       (after temperature and top-k) reaches top_p; 1.0 keeps all.
     greedy: argmax decoding, whatever the temperature.
     return_logprobs: also return each chosen token's log-probability.
+    cache_segments: the N steps run as up to this many loops, loop j on a
+      cache cut after the columns written by its last step, so that early
+      steps do not attend over (read) the whole cache; each loop is a copy
+      of the decode step in the compiled program. 1: one loop, full cache.
   """
   max_new_tokens: int = 64
   temperature: float = 1.0
@@ -49,6 +53,7 @@ class SampleConfig:
   top_p: float = 1.0
   greedy: bool = False
   return_logprobs: bool = False
+  cache_segments: int = 4
 
   def __post_init__(self):
     _check(self.max_new_tokens >= 1, "SampleConfig.max_new_tokens",
@@ -59,6 +64,8 @@ class SampleConfig:
            "use 0 (off) or a positive integer")
     _check(0 < self.top_p <= 1, "SampleConfig.top_p", self.top_p,
            "use a value in (0, 1]; 1.0 turns top-p off")
+    _check(self.cache_segments >= 1, "SampleConfig.cache_segments",
+           self.cache_segments, "set it to a positive integer (1: no segments)")
 
   @property
   def is_greedy(self) -> bool:
@@ -178,6 +185,19 @@ def _inverse_cdf(weights: Array, u: Array) -> Array:
   return jnp.sum(cdf <= target[:, None], axis=-1).astype(jnp.int32)
 
 
+def argmax(logits: Array) -> Array:
+  """int32[B]: the first index of each row's maximum, as `jnp.argmax` (a row
+  with NaN gives some in-range index).
+
+  A max and a min over [B, V] instead of XLA's (value, index) reduction:
+  4-5x faster on CPU (256 steps at batch 32, V 1024: 49 -> 10.5 ms).
+  """
+  v = logits.shape[-1]
+  top = jnp.max(logits, axis=-1, keepdims=True)
+  first = jnp.min(jnp.where(logits == top, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+  return jnp.minimum(first, v - 1)
+
+
 def _choose(logits: Array, rng: Array, config: SampleConfig
             ) -> tuple[Array, Optional[Array]]:
   """Picks one token per row: int32[B], and its log-probability float32[B]
@@ -186,7 +206,7 @@ def _choose(logits: Array, rng: Array, config: SampleConfig
     # The greedy "distribution" is a point mass; report the model's own
     # (temperature 1) log-probability instead, which is what scores compare.
     logits = logits.astype(jnp.float32)
-    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    token = argmax(logits)
   else:
     logits = adjust_logits(logits, config)
     token = categorical(rng, logits)
@@ -233,9 +253,6 @@ def sample(model: api.Model, params: api.Params, batch: api.Batch, rng: Array,
                 if config.return_logprobs else None),
       length=jnp.zeros((b,), jnp.int32), done=jnp.zeros((b,), bool))
 
-  def cond(s: _SampleState) -> Array:
-    return (s.step < n) & ~jnp.all(s.done)
-
   def body(s: _SampleState) -> _SampleState:
     logits, cache = model.decode_step(params, s.cache, s.token)
     token, logp = _choose(logits, jax.random.fold_in(rng, s.step), config)
@@ -250,11 +267,59 @@ def sample(model: api.Model, params: api.Params, batch: api.Batch, rng: Array,
         length=s.length + (~s.done).astype(jnp.int32),
         done=s.done | (token == model.eos_id))
 
-  s = lax.while_loop(cond, body, state)
+  s = _segmented_loop(model, params, batch, config, body, state)
   mask = (jnp.arange(n)[None, :] < s.length[:, None]).astype(jnp.int32)
   return Samples(
       tokens=_batch_sharded(s.tokens), mask=_batch_sharded(mask),
       logprobs=None if s.logprobs is None else _batch_sharded(s.logprobs))
+
+
+def segment_ends(n: int, segments: int) -> list[int]:
+  """Steps after which each of the (at most n) segments ends; the last is n."""
+  m = min(segments, n)
+  return [n * (j + 1) // m for j in range(m)]
+
+
+def _segmented_loop(model: api.Model, params: api.Params, batch: api.Batch,
+                    config: SampleConfig, body, state: _SampleState) -> _SampleState:
+  """Runs `body` for steps 0..N-1 while some row is not done, in segments.
+
+  Segment j runs its steps, up to e_j = `segment_ends(...)[j]`, on the cache
+  cut after the columns that e_j new tokens fill. The cut is made on each
+  leaf's length axis (the axis that grows with `max_new`, found from shapes
+  as in `_cache_batch_axes`); the columns cut off are unwritten and hidden
+  from these steps by the causal mask, so the logits are those of the whole
+  cache. Between segments the next columns move from the cut-off tail to
+  the cache, so the two together are never more than one cache.
+  """
+  n = config.max_new_tokens
+  ends = segment_ends(n, config.cache_segments)
+  cond = lambda end: lambda s: (s.step < end) & ~jnp.all(s.done)
+  if len(ends) == 1:
+    return lax.while_loop(cond(n), body, state)
+  axes = jax.tree.leaves(_cache_axes(model, params, batch, n, more_new=1))
+  leaves, treedef = jax.tree.flatten(state.cache)
+  tails = leaves
+  heads = [x if a < 0 else lax.slice_in_dim(x, 0, 0, axis=a) for x, a in zip(leaves, axes)]
+  for j, end in enumerate(ends):
+    if j == 0:  # the prompt's columns (decoder-only) and the first segment's
+      cols = [a if a < 0 else x.shape[a] - (n - end) for x, a in zip(leaves, axes)]
+    else:
+      heads = jax.tree.leaves(state.cache)
+      cols = [end - ends[j - 1]] * len(axes)
+    moved = [(h, t) if a < 0 else _move_columns(h, t, a, c)
+             for h, t, a, c in zip(heads, tails, axes, cols)]
+    heads, tails = [m[0] for m in moved], [m[1] for m in moved]
+    state = lax.while_loop(cond(end), body,
+                           state.replace(cache=jax.tree.unflatten(treedef, heads)))
+  return state
+
+
+def _move_columns(head: Array, tail: Array, axis: int, cols: int) -> tuple[Array, Array]:
+  """Moves the first `cols` columns (along `axis`) of `tail` to the end of `head`."""
+  cut = lambda x, lo, hi: lax.slice_in_dim(x, lo, hi, axis=axis)
+  return (jnp.concatenate([head, cut(tail, 0, cols)], axis=axis),
+          cut(tail, cols, tail.shape[axis]))
 
 
 # --------------------------------------------------------------- beam search
@@ -281,24 +346,31 @@ def _gather_beams(x: Array, beams: Array, axis: int) -> Array:
   return jnp.moveaxis(x.reshape((-1,) + x.shape[2:]), 0, axis)
 
 
-def _cache_batch_axes(model: api.Model, params: api.Params, batch: api.Batch,
-                      max_new: int) -> Any:
-  """Finds each cache leaf's batch axis (-1: no batch axis) from shapes.
+def _cache_axes(model: api.Model, params: api.Params, batch: api.Batch, max_new: int,
+                repeats: int = 1, more_new: int = 0) -> Any:
+  """Each cache leaf's axis whose size changes (-1: none) from `init_cache`
+  of (batch, max_new) to that of (batch repeated `repeats` times, max_new +
+  more_new); shapes only (`eval_shape`: nothing runs).
 
-  Compares `init_cache` output shapes (abstractly, nothing runs) for the batch
-  and the batch doubled: the axis that doubles is the batch axis. This makes
-  no assumption on the cache layout (e.g. layers stacked in front).
+  Doubling the batch finds the batch axis; one more new token finds the
+  length axis. No assumption on the cache layout (e.g. layers stacked in
+  front) is needed.
   """
-  def shapes(reps):
+  def shapes(reps, new):
     tiled = jax.tree.map(lambda x: jnp.repeat(x, reps, axis=0), batch)
-    return jax.eval_shape(lambda p, t: model.init_cache(p, t, max_new)[0],
-                          params, tiled)
+    return jax.eval_shape(lambda p, t: model.init_cache(p, t, new)[0], params, tiled)
 
   def axis(one, two):
     diff = [i for i, (a, c) in enumerate(zip(one.shape, two.shape)) if a != c]
     return diff[0] if diff else -1
 
-  return jax.tree.map(axis, shapes(1), shapes(2))
+  return jax.tree.map(axis, shapes(1, max_new), shapes(repeats, max_new + more_new))
+
+
+def _cache_batch_axes(model: api.Model, params: api.Params, batch: api.Batch,
+                      max_new: int) -> Any:
+  """Finds each cache leaf's batch axis (-1: no batch axis) from shapes."""
+  return _cache_axes(model, params, batch, max_new, repeats=2)
 
 
 @flax.struct.dataclass

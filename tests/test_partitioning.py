@@ -80,8 +80,9 @@ def test_decoder_cache_sharded_under_tensor_parallelism():
   with partitioning.activation_sharding(mesh, rules):
     cache, token = jax.jit(model.init_cache, static_argnums=2)(params, BATCH, 3)
     logits, cache = jax.jit(model.decode_step)(params, cache, token)
-  k = cache['kv'][0][0]  # [B, S, K, D]
-  assert_sharded(k, ('data', 'fsdp'), None, 'tensor', None)
+  keys, values = cache['kv'][0]  # [B, K, D, S], [B, K, S, D]
+  assert_sharded(keys, ('data', 'fsdp'), 'tensor', None, None)
+  assert_sharded(values, ('data', 'fsdp'), 'tensor', None, None)
   np.testing.assert_allclose(logits, model.logits(jax.device_get(params), BATCH)[:, 0],
                              rtol=1e-5, atol=1e-5)
 

@@ -62,7 +62,8 @@ class DecoderBlock(nn.Module):
   @nn.compact
   def __call__(self, x: Array, positions: Array, mask: Array,
                kv_cache: tuple[Array, Array] | None, index: Array | int):
-    """x [B, L, E]; positions [B, L]; mask bool[B, L, S]; kv_cache ([B, S, K, D],) * 2."""
+    """x [B, L, E]; positions [B, L]; mask bool[B, L, S]; kv_cache (keys [B, K, D, S],
+    values [B, K, S, D]) or None. Returns (x, the keys and values attended to)."""
     cfg, dt = self.cfg, layers.dtypes_of(self.cfg)
     attn = layers.Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim,
                             qkv_bias=cfg.qkv_bias, name='attn', **dt)
@@ -70,10 +71,7 @@ class DecoderBlock(nn.Module):
     inv_freq = layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     q = layers.apply_rope(attn.project_q(h), positions, inv_freq)
     k, v = attn.project_kv(h)
-    k = layers.apply_rope(k, positions, inv_freq)
-    if kv_cache is not None:
-      k = layers.write_cache(kv_cache[0], k, index)
-      v = layers.write_cache(kv_cache[1], v, index)
+    k, v = layers.attention_kv(layers.apply_rope(k, positions, inv_freq), v, kv_cache, index)
     x = x + attn(q, k, v, mask, scale=cfg.head_dim ** -0.5)
     h = layers.RMSNorm(cfg.norm_eps, name='mlp_norm', **dt)(x)
     x = x + layers.MLP(cfg.mlp_dim, 'silu', gated=True, name='mlp', **dt)(h)
@@ -99,7 +97,7 @@ class Decoder(nn.Module):
     """Runs tokens int[B, L] at columns index..index+L-1.
 
     key_mask int[B, S]: 1 on real keys (S = L without a cache, else the cache
-    length). cache: per-layer (k, v) [B, S, K, D] or None. Returns (the
+    length). cache: per-layer (keys, values) (`layers.init_kv_cache`) or None. Returns (the
     final-normed states [B, L - hidden_from, E] or None, new per-layer cache).
     """
     x = layers.constrain(self.embed(tokens), layers.BLE)
@@ -177,8 +175,8 @@ class DecoderModel:
     b, i = inputs.shape
     cfg = self.config
     size = i - 1 + max_new
-    zeros = jnp.zeros((b, size, cfg.num_kv_heads, cfg.head_dim), jnp.dtype(cfg.dtype))
-    kv = [(zeros, zeros)] * cfg.num_layers
+    kv = [layers.init_kv_cache(b, cfg.num_kv_heads, size, cfg.head_dim, jnp.dtype(cfg.dtype))
+          ] * cfg.num_layers
     key_mask = jnp.concatenate(
         [input_mask[:, :-1], jnp.ones((b, max_new), input_mask.dtype)], axis=1).astype(jnp.int32)
     if i > 1:

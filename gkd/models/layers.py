@@ -4,7 +4,15 @@ Every parameter carries logical axis names (`nn.with_logical_partitioning`)
 and major activations are constrained with logical names; see
 gkd/partitioning.py for the names and the rules that map them onto a mesh.
 Shape letters: B batch, L query length, S key length, E embed, H heads,
-K kv heads, D head dim, F mlp, V vocab.
+K kv heads, G = H / K query heads per kv head, D head dim, F mlp, V vocab.
+
+Queries, keys and values are heads-first after their projection (q
+[B, H, L, D], k/v [B, K, L, D]); attention then reads keys transposed,
+[B, K, D, S], and values [B, K, S, D] (`attention_kv`), and a KV cache
+stores them so, new columns written along S. Both products of attention
+are then plain [G·L, D] x [D, S] and [G·L, S] x [S, D] matmuls batched over
+(B, K), whose operands need no copy or transpose: a decode step reads the
+cache once, in its stored order (docs/sampling.md has the measurements).
 """
 
 import math
@@ -22,8 +30,11 @@ DType = Any
 
 BLE = ('activation_batch', 'activation_length', 'activation_embed')
 BLHD = ('activation_batch', 'activation_length', 'activation_heads', 'activation_kv')
+BHLD = ('activation_batch', 'activation_heads', 'activation_length', 'activation_kv')
 BLV = ('activation_batch', 'activation_length', 'activation_vocab')
-CACHE = ('cache_batch', 'cache_length', 'cache_heads', 'cache_kv')
+KEYS = ('activation_batch', 'activation_heads', 'activation_kv', 'activation_length')
+CACHE_KEYS = ('cache_batch', 'cache_heads', 'cache_kv', 'cache_length')  # [B, K, D, S]
+CACHE_VALUES = ('cache_batch', 'cache_heads', 'cache_length', 'cache_kv')  # [B, K, S, D]
 
 # Finite, so that rows with no visible key (padding) give uniform weights, not NaN.
 _MASKED = -1e30
@@ -185,6 +196,7 @@ class Attention(nn.Module):
   """Projections of multi-head / grouped-query attention; the caller wires them.
 
   query [E, H, D], key/value [E, K, D], out [H, D, E] (K divides H).
+  Projected queries and keys are heads-first (module docstring).
   """
   num_heads: int
   num_kv_heads: int
@@ -206,35 +218,75 @@ class Attention(nn.Module):
     self.out = Dense((self.embed_dim,), ('heads', 'kv', 'embed'), n_in=2, **kw)
 
   def project_q(self, x: Array) -> Array:
-    return constrain(self.query(x), BLHD)
+    """[B, L, E] -> [B, H, L, D]."""
+    return heads_first(self.query(x))
 
   def project_kv(self, x: Array) -> tuple[Array, Array]:
-    return constrain(self.key(x), BLHD), constrain(self.value(x), BLHD)
+    """[B, L, E] -> k, v [B, K, L, D]."""
+    return heads_first(self.key(x)), heads_first(self.value(x))
 
-  def __call__(self, q: Array, k: Array, v: Array, mask: Array,
+  def __call__(self, q: Array, keys: Array, values: Array, mask: Array,
                bias: Array | None = None, scale: float = 1.0) -> Array:
-    """q [B, L, H, D], k/v [B, S, K, D], mask bool[B, L, S] -> [B, L, E]."""
-    ctx = dot_product_attention(q, k, v, mask, bias, scale)
-    return constrain(self.out(constrain(ctx, BLHD)), BLE)
+    """q [B, H, L, D], keys [B, K, D, S], values [B, K, S, D], mask bool[B, L, S]
+    -> [B, L, E]."""
+    ctx = dot_product_attention(q, keys, values, mask, bias, scale)
+    ctx = constrain(jnp.swapaxes(ctx, 1, 2), BLHD)  # free at L = 1 (a decode step)
+    return constrain(self.out(ctx), BLE)
 
 
-def dot_product_attention(q: Array, k: Array, v: Array, mask: Array,
+def heads_first(x: Array) -> Array:
+  """[B, L, H, D] (a projection's output) -> [B, H, L, D]; free at L = 1."""
+  return constrain(jnp.swapaxes(constrain(x, BLHD), 1, 2), BHLD)
+
+
+def attention_kv(k: Array, v: Array, cache: tuple[Array, Array] | None = None,
+                 index: Array | int = 0) -> tuple[Array, Array]:
+  """Keys and values as attention reads them: keys [B, K, D, S], values [B, K, S, D].
+
+  k, v [B, K, L, D] (`Attention.project_kv`, after RoPE). Without a cache
+  S = L. With `cache` (keys, values) of S columns (`init_kv_cache`), k and v
+  are written at columns index..index+L-1 and the updated cache is returned.
+  """
+  keys = jnp.swapaxes(k, 2, 3)
+  if cache is None:
+    return constrain(keys, KEYS), constrain(v, BHLD)
+  keys = jax.lax.dynamic_update_slice_in_dim(cache[0], keys.astype(cache[0].dtype), index, axis=3)
+  values = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), index, axis=2)
+  return constrain(keys, CACHE_KEYS), constrain(values, CACHE_VALUES)
+
+
+def init_kv_cache(batch: int, kv_heads: int, length: int, head_dim: int,
+                  dtype: DType) -> tuple[Array, Array]:
+  """An empty cache of `length` columns: zeros keys [B, K, D, S], values [B, K, S, D]."""
+  keys = jnp.zeros((batch, kv_heads, head_dim, length), dtype)
+  values = jnp.zeros((batch, kv_heads, length, head_dim), dtype)
+  return constrain(keys, CACHE_KEYS), constrain(values, CACHE_VALUES)
+
+
+def dot_product_attention(q: Array, keys: Array, values: Array, mask: Array,
                           bias: Array | None = None, scale: float = 1.0) -> Array:
   """softmax(scale * q k^T + bias) v with float32 weights; GQA by head groups.
 
-  q [B, L, H, D], k/v [B, S, K, D], mask bool[B, L, S], bias [1|B, H, L, S].
-  Returns [B, L, H, D] in q's dtype.
+  q [B, H, L, D], keys [B, K, D, S], values [B, K, S, D], mask bool[B, L, S],
+  bias [1|B, H, L, S]. Query head h uses kv head h // G. Returns [B, H, L, D]
+  in q's dtype.
+
+  The G query heads of a kv head and their L positions form one axis of G·L
+  rows (a free reshape of heads-first q), so both products are plain
+  matmuls batched over (B, K).
   """
-  b, l, h, d = q.shape
-  kh = k.shape[2]
-  qg = q.reshape(b, l, kh, h // kh, d)
-  logits = jnp.einsum('blkgd,bskd->bkgls', qg, k, preferred_element_type=jnp.float32) * scale
+  b, h, l, d = q.shape
+  kh = keys.shape[1]
+  g = h // kh
+  qg = q.reshape(b, kh, g * l, d)
+  logits = jnp.einsum('bkqd,bkds->bkqs', qg, keys, preferred_element_type=jnp.float32) * scale
+  logits = logits.reshape(b, kh, g, l, -1)
   if bias is not None:
-    logits = logits + bias.reshape(bias.shape[0], kh, h // kh, l, -1).astype(jnp.float32)
+    logits = logits + bias.reshape(bias.shape[0], kh, g, l, -1).astype(jnp.float32)
   logits = jnp.where(mask[:, None, None], logits, _MASKED)
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum('bkgls,bskd->blkgd', weights, v)
-  return out.reshape(b, l, h, d)
+  weights = jax.nn.softmax(logits, axis=-1).astype(values.dtype).reshape(b, kh, g * l, -1)
+  out = jnp.einsum('bkqs,bksd->bkqd', weights, values)
+  return out.reshape(b, h, l, d)
 
 
 def causal_mask(query_start: Array | int, length: int, key_mask: Array) -> Array:
@@ -246,12 +298,6 @@ def causal_mask(query_start: Array | int, length: int, key_mask: Array) -> Array
   k_cols = jnp.arange(key_mask.shape[1])
   causal = k_cols[None, :] <= q_cols[:, None]
   return causal[None] & (key_mask[:, None, :] > 0)
-
-
-def write_cache(cache: Array, new: Array, index: Array) -> Array:
-  """Writes new [B, L, K, D] into cache [B, S, K, D] at column `index`."""
-  updated = jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), index, axis=1)
-  return constrain(updated, CACHE)
 
 
 # --- Rotary position embeddings (Llama / Qwen2; rotate-half layout). ---
@@ -275,9 +321,9 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> n
 
 
 def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
-  """Rotates x [B, L, H, D] by angles positions[B, L] * inv_freq, in float32."""
+  """Rotates x [B, H, L, D] by angles positions[B, L] * inv_freq, in float32."""
   angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, L, D/2]
-  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, None, :, :]
   cos, sin = jnp.cos(angles), jnp.sin(angles)
   x32 = x.astype(jnp.float32)
   half = x.shape[-1] // 2

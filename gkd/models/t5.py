@@ -68,13 +68,11 @@ class T5Block(nn.Module):
   def __call__(self, x: Array, mask: Array, bias: Array,
                kv_cache: tuple[Array, Array] | None = None, index: Array | int = 0,
                cross_kv: tuple[Array, Array] | None = None, cross_mask: Array | None = None):
-    """x [B, L, E]; mask bool[B, L, S]; bias [1, H, L, S]; cross_kv ([B, I, H, D],) * 2."""
+    """x [B, L, E]; mask bool[B, L, S]; bias [1, H, L, S]; kv_cache and cross_kv
+    (keys [B, H, D, S], values [B, H, S, D]), S = I for cross_kv."""
     h = self.attn_norm(x)
     q = self.attn.project_q(h)
-    k, v = self.attn.project_kv(h)
-    if kv_cache is not None:
-      k = layers.write_cache(kv_cache[0], k, index)
-      v = layers.write_cache(kv_cache[1], v, index)
+    k, v = layers.attention_kv(*self.attn.project_kv(h), kv_cache, index)
     x = x + self.attn(q, k, v, mask, bias)
     if self.cross_attention:
       q = self.cross.project_q(self.cross_norm(x))
@@ -111,7 +109,7 @@ class T5(nn.Module):
     for layer in self.encoder_layers:
       x, _ = layer(x, attn_mask, bias)
     encoded = self.encoder_norm(x)
-    return [layer.cross.project_kv(encoded) for layer in self.decoder_layers]
+    return [layers.attention_kv(*layer.cross.project_kv(encoded)) for layer in self.decoder_layers]
 
   def decode_hidden(self, tokens: Array, cross_kv: list, cross_mask: Array,
                     cache: list | None = None, index: Array | int = 0):
@@ -121,7 +119,7 @@ class T5(nn.Module):
     `scale_decoder_outputs`): `head` maps them to logits.
     """
     b, n = tokens.shape
-    size = n if cache is None else cache[0][0].shape[1]
+    size = n if cache is None else cache[0][1].shape[2]
     x = layers.constrain(self.token_embed(tokens), layers.BLE)
     bias = self.decoder_relpos(index, n, size)
     mask = layers.causal_mask(index, n, jnp.ones((b, size), jnp.int32))
@@ -200,8 +198,8 @@ class T5Model:
     cross_kv = self.module.apply({'params': params}, batch['input_tokens'],
                                  batch['input_mask'], method=T5.encode)
     b = batch['input_tokens'].shape[0]
-    zeros = jnp.zeros((b, max_new, cfg.num_heads, cfg.head_dim), jnp.dtype(cfg.dtype))
-    cache = dict(kv=[(zeros, zeros)] * cfg.num_decoder_layers, cross_kv=cross_kv,
+    kv = layers.init_kv_cache(b, cfg.num_heads, max_new, cfg.head_dim, jnp.dtype(cfg.dtype))
+    cache = dict(kv=[kv] * cfg.num_decoder_layers, cross_kv=cross_kv,
                  cross_mask=batch['input_mask'].astype(jnp.int32),
                  index=jnp.asarray(0, jnp.int32))
     return cache, jnp.full((b,), cfg.decoder_start_id, jnp.int32)

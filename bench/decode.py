@@ -26,6 +26,8 @@ import transformers
 from gkd import sampling
 from gkd.models import DecoderModel, load_hf
 
+import loadguard  # bench/loadguard.py: refuses a loaded machine
+
 
 def parse_args() -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -40,6 +42,7 @@ def parse_args() -> argparse.Namespace:
                  help="torch.set_num_threads (0: torch's default)")
   p.add_argument("--sample", action="store_true",
                  help="temperature-1 sampling (no top-k/top-p) instead of greedy")
+  loadguard.add_flags(p)
   return p.parse_args()
 
 
@@ -71,6 +74,7 @@ def timed(fn) -> tuple[float, object]:
 
 def main() -> None:
   args = parse_args()
+  loadguard.check(args)
   if args.torch_threads:
     torch.set_num_threads(args.torch_threads)
   hf = hf_model(args)

@@ -39,6 +39,8 @@ import time
 
 import numpy as np
 
+import loadguard  # bench/loadguard.py: refuses a loaded machine
+
 for _k, _v in (("TRL_EXPERIMENTAL_SILENCE", "1"), ("HF_HUB_OFFLINE", "1"),
                ("TF_CPP_MIN_LOG_LEVEL", "2"), ("TOKENIZERS_PARALLELISM", "false"),
                ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
@@ -67,6 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--no_memory", action="store_true", help="skip the per-side RSS children")
   p.add_argument("--side", choices=("gkd", "trl"), help=argparse.SUPPRESS)
   p.add_argument("--model_dir", help=argparse.SUPPRESS)
+  loadguard.add_flags(p)
   return p.parse_args(argv)
 
 
@@ -286,6 +289,7 @@ def main(argv=None) -> None:
   args = parse_args(argv)
   if args.side:
     return child_main(args)
+  loadguard.check(args)
   student, teacher = SHAPES[args.shape]
   print(f"shape {args.shape}: student {student}, teacher {teacher} (layers, width, heads, "
         f"kv heads, mlp); vocab {args.vocab}; batch {args.batch}, prompt {args.prompt_len}, "

@@ -16,6 +16,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+import loadguard  # bench/loadguard.py: refuses a loaded machine
+
 from gkd import losses
 
 
@@ -32,7 +34,9 @@ def main():
   parser.add_argument("--chunk", type=int, default=256)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--names", default="forward_kl,jsd")
+  loadguard.add_flags(parser)
   args = parser.parse_args()
+  loadguard.check(args)
 
   k1, k2 = jax.random.split(jax.random.PRNGKey(0))
   student = jax.random.normal(k1, (args.tokens, args.vocab), jnp.float32)

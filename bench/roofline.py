@@ -35,6 +35,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gkd_vs_trl as common  # noqa: E402  (shared shapes, models and step)
+import loadguard  # noqa: E402  (bench/loadguard.py: refuses a loaded machine)
 
 # Qwen2-0.5B-like (layers, width, heads, kv heads, mlp) for the GPU path; teacher 1.5B-like.
 GPU_SHAPES = ((24, 896, 14, 2, 4864), (28, 1536, 12, 2, 8960))
@@ -50,6 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--lmbdas", default="0,1")
   p.add_argument("--matmul", type=int, default=2048, help="side of the square matmul")
   p.add_argument("--reps", type=int, default=5)
+  loadguard.add_flags(p)
   args = p.parse_args(argv)
   args.beta, args.temperature, args.lr = 0.5, 1.0, 1e-5
   return args
@@ -196,6 +198,7 @@ def gpu_main(args) -> None:
 
 def main(argv=None) -> None:
   args = parse_args(argv)
+  loadguard.check(args)
   if jax.default_backend() == "gpu":
     gpu_main(args)
   else:

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gkd_vs_trl as common  # noqa: E402  (shared shapes, models and step)
+import loadguard  # noqa: E402  (bench/loadguard.py: refuses a loaded machine)
 import losses as losses_bench  # noqa: E402  (bench/losses.py)
 
 
@@ -50,6 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--chunk_elements", type=int, default=64 * 32000,
                  help="divergence chunk budget (token × vocab elements)")
   p.add_argument("--reps", type=int, default=3)
+  loadguard.add_flags(p)
   args = p.parse_args(argv)
   args.beta, args.temperature, args.lr = 0.5, 1.0, 1e-5
   return args
@@ -104,6 +106,7 @@ def measure(args) -> dict:
 
 def main(argv=None) -> None:
   args = parse_args(argv)
+  loadguard.check(args)
   base = dict(vocab=args.vocab, batch=args.batch, new_tokens=args.new_tokens)
   sweeps = [("new_tokens", int(x)) for x in args.lengths.split(",") if x]
   sweeps += [("vocab", int(x)) for x in args.vocabs.split(",") if x]

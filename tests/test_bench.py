@@ -1,5 +1,7 @@
-"""The benchmark scripts run end to end at the tiniest sizes and print their tables."""
+"""The benchmark scripts: the idle-machine guard, and each script end to end at the tiniest
+sizes (on this shared machine with --allow_load, so their rows are marked INVALID when loaded)."""
 
+import glob
 import os
 import subprocess
 import sys
@@ -7,16 +9,86 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "bench")
 TINY = ["--shape", "tiny", "--vocab", "256", "--batch", "2", "--prompt_len", "4",
         "--new_tokens", "4", "--reps", "1"]
+SCRIPTS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(BENCH, "*.py"))
+                 if not p.endswith("loadguard.py"))
+
+
+def _env():
+  return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as run
+
+
+def _with_fake_load(load, code):
+  """Runs `code` in a fresh Python whose os.getloadavg() reports `load`, bench/ on the path."""
+  prelude = (f"import os, sys; os.getloadavg = lambda: ({load}, {load}, {load}); "
+             f"sys.path.insert(0, {BENCH!r}); ")
+  return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True,
+                        env=_env(), cwd=ROOT, timeout=300)
+
+
+def _guarded_table(load, *flags, busy=None):
+  """loadguard.check under a fake load, then a two-row table and a text line."""
+  code = ("import argparse, loadguard; p = argparse.ArgumentParser(); loadguard.add_flags(p); "
+          f"args = p.parse_args({list(flags)!r}); ")
+  if busy is not None:  # fake /proc/stat: other processes busy `busy` CPU-seconds meanwhile
+    code += f"it = iter([0.0, {busy}]); loadguard.busy_cpu_seconds = lambda: next(it); "
+  code += ("loadguard.check(args); print('| a | b |'); print('|---|---|'); print('| 1 | 2 |'); "
+           "print('| 3 | 4 |'); print('ratio 1.5x')")
+  return _with_fake_load(load, code)
+
+
+def test_guard_refuses_a_loaded_machine_in_one_line():
+  nproc = os.cpu_count()
+  proc = _guarded_table(nproc * 2.0)
+  assert proc.returncode == 75, proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1, lines
+  assert f"load average {nproc * 2.0:.2f} on {nproc} CPUs" in lines[0] and "--allow_load" in lines[0]
+  assert "| a |" not in proc.stdout and f"nproc {nproc}" in proc.stdout  # nothing measured
+
+
+def test_guard_marks_every_row_under_allow_load():
+  proc = _guarded_table(7.25, "--allow_load", "--max_load=1")
+  assert proc.returncode == 0, proc.stderr
+  out = proc.stdout.splitlines()
+  assert out[0].startswith("machine at start:") and "load average 7.25" in out[0]
+  assert out[1:6] == ["| a | b | validity |", "|---|---|---|", "| 1 | 2 | INVALID (load 7.25) |",
+                      "| 3 | 4 | INVALID (load 7.25) |", "INVALID (load 7.25): ratio 1.5x"]
+  assert out[6].startswith("machine at end:") and len(out) == 7
+
+
+def test_guard_passes_an_idle_machine_and_flags_load_that_came_during_the_run():
+  proc = _guarded_table(0.2, "--max_load=1")
+  assert proc.returncode == 0, proc.stderr
+  out = proc.stdout.splitlines()
+  assert out[1:6] == ["| a | b |", "|---|---|", "| 1 | 2 |", "| 3 | 4 |", "ratio 1.5x"]
+  assert "INVALID" not in proc.stdout
+  # Idle at the start, but other processes took 1e6 CPU-seconds while it ran.
+  proc = _guarded_table(0.2, "--max_load=1", busy=1e6)
+  assert proc.returncode == 0, proc.stderr
+  last = proc.stdout.splitlines()[-1]
+  assert last.startswith("INVALID: other processes kept") and "figures above" in last
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_bench_script_refuses_a_loaded_machine(script):
+  proc = _with_fake_load(100.0, "import runpy; sys.argv = [{0!r}]; runpy.run_path({0!r}, "
+                         "run_name='__main__')".format(os.path.join(BENCH, script)))
+  assert proc.returncode == 75, (proc.stdout[-2000:], proc.stderr[-2000:])
+  assert "the machine is not idle" in proc.stderr.strip().splitlines()[-1]
 
 
 def _run(script, *flags):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as run
-  out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), *flags],
-                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+  out = subprocess.run([sys.executable, os.path.join(BENCH, script), "--allow_load", *flags],
+                       capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
-  return [l for l in out.stdout.splitlines() if l.startswith("|")]
+  rows = [l for l in out.stdout.splitlines() if l.startswith("|")]
+  if "INVALID (load" in out.stdout:  # a loaded machine: every row says so in its last column
+    assert rows[0].endswith("| validity |")
+    assert all(r.endswith(" |") and "INVALID (load" in r for r in rows[2:])
+  return rows
 
 
 def _cells(line):

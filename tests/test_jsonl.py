@@ -78,7 +78,7 @@ def test_jsonl_task_to_batches_and_metrics(tmp_path):
   val = _write(tmp_path / "validation.jsonl", [json.dumps(r) for r in rows[:3]])
   vocab = tasks.get_vocabulary("word")
   task = tasks.get_task("jsonl", vocab, train_path=train, validation_path=val,
-                        metric_names=("accuracy",))
+                        metric_names=("accuracy", "exact_match"))
   batch = next(tasks.batch_iterator(task, "train", input_length=12,
                                     target_length=6, batch_size=6, seed=0))
   inputs = tasks.decode(vocab, batch["input_tokens"], batch["input_mask"])
@@ -87,8 +87,8 @@ def test_jsonl_task_to_batches_and_metrics(tmp_path):
   evals = list(tasks.eval_examples(task, "validation", input_length=12,
                                    target_length=6, batch_size=4))
   assert evals[0].targets[:3] == ["#### 0", "#### 1", "#### 2"]
-  assert tasks.compute_metrics(task, ["#### 1", "#### 2"], ["1", "#### 3"]) == {
-      "accuracy": 50.0}
+  assert tasks.compute_metrics(task, ["#### 1", "#### 2"], ["#### 1.0", "#### 3"]) == {
+      "accuracy": 50.0, "exact_match": 0.0}  # 1.0 is the number 1, not the text
   with pytest.raises(UserError, match="at least one file"):
     tasks.get_task("jsonl", vocab)
   bad = _write(tmp_path / "bad.jsonl", ['{"input": "a", "target": "b"}', "{"])

@@ -116,7 +116,7 @@ def test_gsm8k_prompts_and_targets(mock_tfds, vocabs, kind, num_shots):
   assert row.tolist() == bos + vocab.encode(ev.inputs[0])[-31:] + eos
   scores = tasks.compute_metrics(
       task, ev.targets, ["#### 72\n\nQ: next question? #### 5", "#### 8"])
-  assert scores == {"accuracy": 50.0}
+  assert scores == {"accuracy": 50.0, "exact_match": 50.0}
 
 
 def test_fewshot_task_and_bad_shots(mock_tfds, vocabs):

@@ -148,7 +148,7 @@ def test_no_repeat_stops_and_eval_covers_every_example_once(small, vocab):
   decoded = tasks.decode(vocab, evals[0].batch["target_tokens"],
                          evals[0].batch["target_mask"])
   assert decoded == evals[0].targets
-  assert tasks.compute_metrics(small, targets, targets) == {"accuracy": 100.0}
+  assert tasks.compute_metrics(small, targets, targets) == {"accuracy": 100.0, "exact_match": 100.0}
 
 
 def test_unknown_task_and_split_are_user_errors(vocab, small):

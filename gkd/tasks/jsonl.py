@@ -18,8 +18,8 @@ from gkd.errors import UserError
 from gkd.tasks import metrics as metrics_lib
 from gkd.tasks import registry
 
-METRICS = {"accuracy": metrics_lib.accuracy, "bleu": metrics_lib.bleu,
-           "rouge": metrics_lib.rouge}
+METRICS = {"accuracy": metrics_lib.accuracy, "exact_match": metrics_lib.exact_match,
+           "bleu": metrics_lib.bleu, "rouge": metrics_lib.rouge}
 
 
 def _record(path: str, lineno: int, raw: bytes, fields: Sequence[str]):
@@ -100,7 +100,7 @@ def jsonl_task(train_path: Optional[str] = None,
                metric_names: Sequence[str] = ("rouge",),
                keep_input_end: bool = False,
                route_field: Optional[str] = None) -> registry.TaskSpec:
-  """A task from JSONL files; metric_names among 'accuracy', 'bleu', 'rouge'.
+  """A task from JSONL files; metric_names among 'accuracy', 'exact_match', 'bleu', 'rouge'.
 
   route_field: a string field naming the teacher that scores each example
   when several teachers are routed (e.g. "teacher_id"; gkd/train/teachers.py).

@@ -139,7 +139,7 @@ def gsm8k(data_dir: Optional[str] = None, num_shots: int = 0,
           target_prefix: str = " ", strip_calculator: bool = True,
           splits: Mapping[str, str] = (("train", "train"), ("test", "test"))
           ) -> registry.TaskSpec:
-  """GSM8K question -> chain of thought ending "#### n"; accuracy.
+  """GSM8K question -> chain of thought ending "#### n"; accuracy, exact match.
 
   num_shots > 0 prepends that many worked examples (GSM8K_SHOTS) in the
   same template; prompts keep their end when truncated. GSM8K has no
@@ -162,7 +162,7 @@ def gsm8k(data_dir: Optional[str] = None, num_shots: int = 0,
 
   return registry.TaskSpec(
       source=tfds_source("gsm8k", data_dir, splits),
-      preprocessors=[prompt], metric_fns=[metrics_lib.accuracy],
+      preprocessors=[prompt], metric_fns=[metrics_lib.accuracy, metrics_lib.exact_match],
       postprocess_fn=gsm8k_postprocess, keep_input_end=True,
       location=dict(data_dir=_data_dir(data_dir)),
       config=dict(tfds="gsm8k", num_shots=num_shots, question_prefix=question_prefix,

@@ -164,7 +164,7 @@ def offline_arithmetic(seed: int = 0, num_train: int = 20000,
                        step_order: str = "given", label_noise: float = 0.0,
                        label_noise_kind: str = "slip",
                        route_by: Optional[str] = None) -> TaskSpec:
-  """Word problems -> "a + b = c. ... #### n"; accuracy on the final number.
+  """Word problems -> "a + b = c. ... #### n"; accuracy and exact match of the final answer.
 
   `step_order`: 'given' (one solution per problem) or 'any' (additions and
   subtractions solved in a random valid order: several correct outputs).
@@ -186,7 +186,7 @@ def offline_arithmetic(seed: int = 0, num_train: int = 20000,
   if isinstance(label_noise, bool) or not (isinstance(label_noise, (int, float))
                                            and 0.0 <= label_noise <= 1.0):
     raise UserError(f"label_noise={label_noise!r} must be a fraction in [0, 1]")
-  return _offline("arithmetic", [metrics_lib.accuracy], seed, num_train,
+  return _offline("arithmetic", [metrics_lib.accuracy, metrics_lib.exact_match], seed, num_train,
                   num_eval, min_steps=min_steps, max_steps=max_steps,
                   max_operand=max_operand, max_value=max_value,
                   multiply=multiply, step_order=step_order, label_noise=label_noise,

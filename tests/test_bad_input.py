@@ -2,8 +2,10 @@
 no traceback, and the model directory untouched (not created, or byte-for-byte unchanged).
 
 Extends tests/test_main.py's table (bad flag values) with bad files: a broken JSONL line, a
-pickle-only HF directory, a student checkpoint that is not one, a model directory of another
-model (train and eval), a damaged run.json, a MODEL_DIR that is a file, a malformed flag.
+directory given as a JSONL file, a pickle-only HF directory, a student checkpoint that is not
+one, a model directory of another model (train and eval; the message names the fields), a
+damaged run.json, a MODEL_DIR that is a file or that this user cannot write, a Gin file with a
+mistake (the message names the file and line), a malformed flag.
 """
 
 import hashlib
@@ -11,10 +13,11 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
 
 import pytest
 
-from test_main import run_main
+from test_main import ROOT, env_with_devices, main_args, run_main
 
 pytestmark = pytest.mark.slow  # each case is a subprocess that imports jax (~10 s)
 
@@ -62,6 +65,19 @@ def _jsonl_with_broken_line(tmp):
           f"--gin.tasks.jsonl_task.validation_path={path}"], f"{path}, line 2: bad JSON"
 
 
+def _jsonl_directory(tmp):
+  path = tmp / "data.jsonl"
+  path.mkdir()
+  return ["--gin.tasks.data_config.name=jsonl", f"--gin.tasks.jsonl_task.train_path={path}",
+          f"--gin.tasks.jsonl_task.validation_path={path}"], f"{path}' is a directory, not a file"
+
+
+def _gin_file_with_a_mistake(tmp, text, message):
+  path = tmp / "mine.gin"
+  path.write_text(text)
+  return [f"--gin_file={path}"], message.format(path=path)
+
+
 def _pickle_hf_teacher(tmp):
   hf = tmp / "hf_teacher"
   hf.mkdir()
@@ -95,7 +111,19 @@ FRESH_DIR_CASES = {
     "student_checkpoint_bad_json": lambda tmp: _student_checkpoint(tmp, "bad_json"),
     "student_checkpoint_bad_params": lambda tmp: _student_checkpoint(tmp, "bad_params"),
     "malformed_gin_flag": lambda tmp: (["--gin.NUM_STEPS"], "must look like --gin.NAME=VALUE"),
-    "unbalanced_gin_value": lambda tmp: (["--gin.NUM_STEPS=("], "bad Gin config"),
+    "unbalanced_gin_value": lambda tmp: (["--gin.NUM_STEPS=("], "bad Gin config in the --gin"),
+    "unknown_gin_parameter_flag": lambda tmp: (
+        ["--gin.gkd.train.Method.no_such=1"],
+        "bad Gin config in the binding 'gkd.train.Method.no_such = 1': Configurable "
+        "'gkd.train.Method' doesn't have a parameter named 'no_such'"),
+    "jsonl_directory": _jsonl_directory,
+    "gin_file_unknown_parameter": lambda tmp: _gin_file_with_a_mistake(
+        tmp, "# mine\ngkd.train.Method.lmbda = 0.5\ngkd.train.Method.no_such = 1\n",
+        "bad Gin config in {path}, line 3: Configurable 'gkd.train.Method' doesn't have a "
+        "parameter named 'no_such'"),
+    "gin_file_unbalanced": lambda tmp: _gin_file_with_a_mistake(
+        tmp, "NUM_STEPS = (\n", "bad Gin config in {path}, line 2: EOF in multi-line statement"),
+    "gin_file_is_a_directory": lambda tmp: ([f"--gin_file={tmp}"], "is a directory"),
 }
 
 
@@ -118,9 +146,11 @@ def test_bad_file_is_one_line_and_creates_nothing(tmp_path, case):
 
 @pytest.mark.parametrize("extra, mode, message", [
     (["--gin.tiny_decoder/models.DecoderConfig.embed_dim=32"], "train",
-     "holds a run with a different student"),
-    (["--gin.tiny_decoder/models.DecoderConfig.num_layers=1"], "eval",
-     "holds a run with a different student"),
+     "holds a run with a different student (student.embed_dim: 64 there, 32 here)"),
+    (["--gin.tiny_decoder/models.DecoderConfig.num_layers=1",
+      "--gin.tiny_decoder/models.DecoderConfig.mlp_dim=96"], "eval",
+     "holds a run with a different student (student.mlp_dim: 128 there, 96 here; "
+     "student.num_layers: 2 there, 1 here)"),
 ])
 def test_a_directory_of_another_model_is_left_as_it_was(trained, extra, mode, message):
   before = snapshot(trained)
@@ -156,3 +186,46 @@ def test_model_dir_that_is_a_file(tmp_path):
   proc = run_main(str(path))
   assert_one_clear_line(proc, "is a file, not a directory")
   assert path.read_text() == "not a directory"
+
+
+def _can_drop_dac_override():
+  try:
+    return subprocess.run(["setpriv", "--bounding-set=-dac_override", "true"],
+                          capture_output=True, timeout=30).returncode == 0
+  except (OSError, subprocess.SubprocessError):
+    return False
+
+
+@pytest.mark.skipif(not _can_drop_dac_override(), reason="needs setpriv and CAP_SETPCAP")
+@pytest.mark.parametrize("where", ["parent", "itself"])
+def test_an_unwritable_model_dir_is_one_line(tmp_path, where):
+  # Tests run as root, who may write anywhere: the run drops CAP_DAC_OVERRIDE (and
+  # DAC_READ_SEARCH, FOWNER) with setpriv, so permission bits apply to it as to any user.
+  locked = tmp_path / "locked"
+  locked.mkdir()
+  model_dir = locked / "run" if where == "parent" else locked
+  before = snapshot(str(locked))
+  locked.chmod(0o555)
+  try:
+    proc = subprocess.run(
+        ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--",
+         *main_args(str(model_dir))], cwd=ROOT, env=env_with_devices(1), capture_output=True,
+        text=True, timeout=300)
+  finally:
+    locked.chmod(0o755)
+  which = f"its parent {locked}" if where == "parent" else "it"
+  assert_one_clear_line(proc, f"cannot write MODEL_DIR {model_dir}: {which} is not writable")
+  assert snapshot(str(locked)) == before
+
+
+def test_num_steps_zero_exports_and_evaluates_the_initial_student(tmp_path):
+  model_dir = str(tmp_path / "run")
+  proc = run_main(model_dir, "--gin.NUM_STEPS=0", mode="train_and_eval")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(model_dir, "results.json")) as f:
+    results = json.load(f)
+  assert results["train"] == dict(steps=0, on_policy_fraction=None, skipped_steps=0,
+                                  tokens_per_sec=None)
+  assert results["step"] == 0 and "accuracy" in results["eval"]
+  assert os.path.exists(os.path.join(model_dir, "export", "model_config.json"))
+  assert not os.path.exists(os.path.join(model_dir, "train", "metrics.jsonl"))  # no step ran

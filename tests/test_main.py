@@ -92,6 +92,16 @@ def test_train_and_eval_writes_the_model_directory(tmp_path):
   assert results["train"]["steps"] == 4
   assert 0.0 <= results["eval"]["accuracy"] <= 100.0
   assert results["config"]["method"]["lmbda"] == 0.5
+  # What ran: the step samples the batch's target length (tiny: 16), whatever
+  # SampleConfig.max_new_tokens says.
+  assert results["config"]["method"]["sampler"]["max_new_tokens"] == 16
+  assert results["eval_examples"] == dict(split="validation", count=16, whole_split=True)
+  # The end of the output: the final evaluation and where results.json is.
+  eval_line = (f"student at step 4 on all 16 examples of 'validation': "
+               f"accuracy {results['eval']['accuracy']:.2f}, "
+               f"exact_match {results['eval']['exact_match']:.2f}")
+  assert proc.stdout.strip().splitlines()[-2:] == [
+      eval_line, f"results: {os.path.join(model_dir, 'results.json')}"]
   assert results["config"]["method"]["divergence"]["params"] == {"beta": 0.5}
   operative = open(os.path.join(model_dir, "config.gin")).read()
   assert "LMBDA = 0.5" in operative and "Method.lmbda = %LMBDA" in operative
@@ -105,6 +115,15 @@ def test_train_and_eval_writes_the_model_directory(tmp_path):
   with open(os.path.join(model_dir, "results.json")) as f:
     again = json.load(f)
   assert again["eval"] == results["eval"] and again["step"] == 4
+  # Re-running the finished run's command trains nothing and reports the run's
+  # real figures (they were rewritten as zero-step statistics: fraction 0.0, 0 tok/s).
+  assert 0 < results["train"]["on_policy_fraction"] and results["train"]["tokens_per_sec"] > 0
+  proc = run_main(model_dir, "--gin.NUM_STEPS=4", mode="train_and_eval")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(model_dir, "results.json")) as f:
+    rerun = json.load(f)
+  assert rerun["train"] == results["train"] and rerun["eval"] == results["eval"]
+  assert sorted(losses_by_step(model_dir)) == [1, 2, 3, 4]
 
 
 @pytest.mark.slow
@@ -209,6 +228,37 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, extra, message
   assert lines[-1].startswith("gkd: error:") and message in lines[-1], lines[-1]
   assert "Traceback" not in proc.stderr
   assert not model_dir.exists()
+
+
+def _as_a_new_user(env: dict) -> dict:
+  """The environment of a shell on a fresh machine: none of the test suite's quieting."""
+  return {k: v for k, v in env.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "JAX_PLATFORMS",
+                                                    "GRPC_VERBOSITY")}
+
+
+@pytest.mark.parametrize("extra", [
+    ["--gin.LMBDA=1.5"], ["--gin_file=no/such/file.gin"],
+    ["--gin.gkd.train.Method.no_such_param=1"], ["--gin.NUM_STEPS"],
+    ["--gin.tasks.data_config.name=jsonl", "--gin.tasks.jsonl_task.train_path=/no/such.jsonl",
+     "--gin.tasks.jsonl_task.validation_path=/no/such.jsonl"],
+])
+def test_a_bad_input_is_exactly_one_line_on_stderr(tmp_path, extra):
+  # No TensorFlow / absl start-up lines, no "failed call to cuInit" on this CPU machine.
+  proc = subprocess.run(main_args(str(tmp_path / "run"), *extra), cwd=ROOT,
+                        env=_as_a_new_user(env_with_devices(1)), capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  lines = proc.stderr.splitlines()
+  assert len(lines) == 1 and lines[0].startswith("gkd: error: "), lines
+  assert proc.stdout == ""
+
+
+def test_help_exits_zero():
+  proc = subprocess.run([sys.executable, "-m", "gkd.main", "--help"], cwd=ROOT,
+                        env=_as_a_new_user(env_with_devices(1)), capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "--gin_file" in proc.stdout and "Exit codes" in proc.stdout
 
 
 def test_missing_model_dir_binding(tmp_path):

@@ -15,6 +15,10 @@ from typing import Mapping, Sequence
 
 import gin
 
+from gkd import startup
+
+startup.import_tensorflow()  # first, so that TensorFlow never sees the accelerators
+
 # Importing jsonl and paper registers their task builders.
 from gkd.tasks import jsonl  # pylint: disable=unused-import
 from gkd.tasks import paper  # pylint: disable=unused-import

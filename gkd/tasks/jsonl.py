@@ -84,11 +84,18 @@ def _read_cached(path: str, stamp, fields: tuple[str, ...]):
 def read_jsonl(path: str, fields: Sequence[str] = ("input", "target")
                ) -> tuple[tuple[str, ...], ...]:
   """The (input, target) records of a JSONL file."""
+  if os.path.isdir(path):
+    raise UserError(f"JSONL file {path!r} is a directory, not a file; bind "
+                    "tasks.jsonl_task's path to the .jsonl file in it")
   if not os.path.isfile(path):
     raise UserError(f"JSONL file {path!r} does not exist; fix the path bound "
                     "to tasks.jsonl_task")
   stat = os.stat(path)
-  return _read_cached(path, (stat.st_mtime_ns, stat.st_size), tuple(fields))
+  try:
+    return _read_cached(path, (stat.st_mtime_ns, stat.st_size), tuple(fields))
+  except OSError as e:
+    raise UserError(f"cannot read JSONL file {path!r} ({e.strerror}); fix its "
+                    "permissions or the path bound to tasks.jsonl_task") from None
 
 
 @registry.register_builder("jsonl")

@@ -1,7 +1,7 @@
 """Evaluation: decode a split (greedy, sampling or beams), then the task's metrics."""
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import gin
 import jax
@@ -22,7 +22,8 @@ class EvalConfig:
 
   Attributes:
     decoding: "greedy", "sample" (at `temperature`, `top_p`) or "beam".
-    max_examples: evaluate at most this many examples (None: the whole split).
+    max_examples: evaluate the first this many examples of the split (None,
+      the default: all of them).
     batch_size: global evaluation batch size.
     evaluate_teacher: also evaluate the teacher (once) into results.json.
   """
@@ -32,7 +33,7 @@ class EvalConfig:
   top_p: float = 1.0
   num_beams: int = 4
   length_alpha: float = 0.6
-  max_examples: Optional[int] = 256
+  max_examples: Optional[int] = None
   batch_size: int = 64
   seed: int = 0
   evaluate_teacher: bool = False
@@ -56,16 +57,27 @@ class EvalConfig:
     return decode
 
 
+class Evaluation(NamedTuple):
+  metrics: dict[str, float]  # the task's metrics
+  examples: list[dict[str, str]]  # per example: input, target and prediction texts
+  whole_split: bool  # False when max_examples left examples of the split out
+
+
+def _has_example(task, data: dict, index: int) -> bool:
+  """Whether the evaluation split has an example at `index` (0-based)."""
+  it = tasks.batch_iterator(task, data["eval_split"], input_length=data["input_length"],
+                            target_length=data["target_length"], batch_size=1, seed=0,
+                            repeat=False, shuffle=False)
+  it.restore(dict(it.state(), position=index))
+  return it.next_example() is not None
+
+
 def evaluate(model: Model, params: Any, data: dict, config: EvalConfig, mesh, rules
-             ) -> tuple[dict[str, float], list[dict[str, str]]]:
-  """Decodes `data["eval_split"]` of `data["name"]` and scores it.
+             ) -> Evaluation:
+  """Decodes `data["eval_split"]` of `data["name"]` (its first `max_examples`) and scores it.
 
   Every process reads the whole split (evaluation sets are small), builds
   global arrays, decodes on the mesh and gathers the tokens back.
-
-  Returns:
-    (metrics, examples): the task's metrics, and per example its input,
-    target and prediction texts.
   """
   task = tasks.get_task(data["name"], tasks.get_vocabulary())
   vocab = tasks.vocabulary_of(task)
@@ -93,4 +105,6 @@ def evaluate(model: Model, params: Any, data: dict, config: EvalConfig, mesh, ru
   metrics = tasks.compute_metrics(task, targets, predictions)
   examples = [dict(input=i, target=t, prediction=p)
               for i, t, p in zip(inputs, targets, predictions)]
-  return metrics, examples
+  whole = (config.max_examples is None or len(targets) < config.max_examples
+           or not _has_example(task, data, len(targets)))
+  return Evaluation(metrics, examples, whole)

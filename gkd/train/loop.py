@@ -11,6 +11,11 @@ Model directory layout:
     train/, eval/     TensorBoard events
     export/           the final student (gkd checkpoint: model_config.json + params)
     results.json      final eval metrics and a config summary
+    eval_predictions.json   the first 50 evaluated examples: input, target, prediction
+                      (teacher_eval_predictions.json likewise for the teacher)
+
+NUM_STEPS = 0 trains nothing: `train` saves and exports the initial student,
+`train_and_eval` also evaluates it (e.g. an imported checkpoint as a baseline).
 """
 
 import dataclasses
@@ -102,6 +107,36 @@ def _check_models(student, teacher, vocab) -> None:
                       f"{vocab.eos_id}; set the model config's eos_id = {vocab.eos_id}")
 
 
+_UNSET = "<unset>"
+
+
+def _differences(there: Any, here: Any, path: str = "") -> list[str]:
+  """'field: X there, Y here' for every leaf where two JSON values differ."""
+  if isinstance(there, dict) and isinstance(here, dict):
+    out = []
+    for key in sorted(set(there) | set(here), key=str):
+      out += _differences(there.get(key, _UNSET), here.get(key, _UNSET), f"{path}.{key}")
+    return out
+  if there == here:
+    return []
+  show = lambda v: v if v is _UNSET else json.dumps(v)
+  return [f"{path.lstrip('.') or 'value'}: {show(there)} there, {show(here)} here"]
+
+
+def _check_writable(model_dir: str) -> None:
+  """UserError unless this user can create (or write into) `model_dir`."""
+  path = os.path.abspath(model_dir)
+  while not os.path.exists(path) and os.path.dirname(path) != path:
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    raise UserError(f"cannot create MODEL_DIR {model_dir}: {path} is a file, not a "
+                    "directory; choose another path")
+  if not os.access(path, os.W_OK | os.X_OK):
+    which = "it" if path == os.path.abspath(model_dir) else f"its parent {path}"
+    raise UserError(f"cannot write MODEL_DIR {model_dir}: {which} is not writable by this user; "
+                    "choose a directory you can write (or fix its permissions)")
+
+
 def _check_model_dir(model_dir: str, fingerprint: dict) -> None:
   path = os.path.join(model_dir, "run.json")
   if not os.path.exists(path):
@@ -119,9 +154,11 @@ def _check_model_dir(model_dir: str, fingerprint: dict) -> None:
     raise UserError(f"{path} is not a JSON object (a damaged run.json); restore it or choose "
                     "a new --gin.MODEL_DIR")
   for key in ("student", "task"):
-    if previous.get(key) != fingerprint[key]:
+    diffs = _differences(previous.get(key, _UNSET), fingerprint[key], key)
+    if diffs:
+      more = f"; and {len(diffs) - 4} more" if len(diffs) > 4 else ""
       raise UserError(f"model directory {model_dir} holds a run with a different {key} "
-                      f"({json.dumps(previous.get(key))[:120]}); choose a new --gin.MODEL_DIR "
+                      f"({'; '.join(diffs[:4])}{more}); choose a new --gin.MODEL_DIR "
                       "or configure the same model and task to resume it")
 
 
@@ -132,6 +169,7 @@ def setup(model_dir: str, student: ModelSource, teacher: Optional[ModelSource],
     raise UserError("MODEL_DIR is not set; pass --gin.MODEL_DIR=\"'/path/to/run'\"")
   if os.path.exists(model_dir) and not os.path.isdir(model_dir):
     raise UserError(f"MODEL_DIR {model_dir} is a file, not a directory; choose a new path")
+  _check_writable(model_dir)
   if method.needs_teacher and teacher is None:
     raise UserError("the gkd objective needs a teacher; bind `train.teacher = "
                     "@teacher/gkd.train.ModelSource()` or use objective='sft'")
@@ -220,21 +258,31 @@ class _Sigterm:
     self.received = True
 
 
-def _evaluate(s: Setup, model, params, tag: str, step: int) -> dict:
-  metrics, examples = evaluation.evaluate(model, params, s.data, s.eval_config, s.mesh, s.rules)
-  s.writer(tag).scalars(step, metrics)
-  _write_json(os.path.join(s.model_dir, f"{tag}_predictions.json"), examples[:50])
-  return metrics
+def _evaluate(s: Setup, model, params, tag: str, step: int) -> evaluation.Evaluation:
+  result = evaluation.evaluate(model, params, s.data, s.eval_config, s.mesh, s.rules)
+  s.writer(tag).scalars(step, result.metrics)
+  _write_json(os.path.join(s.model_dir, f"{tag}_predictions.json"), result.examples[:50])
+  return result
+
+
+SUMMARY_KEY = "train_summary"  # kept in each checkpoint's data item, beside the iterator state
+
+
+def _data_state(s: Setup, summary: dict) -> dict:
+  return dict(s.iterator.state(), **{SUMMARY_KEY: dict(summary)})
 
 
 def _train(s: Setup, method, num_steps: int, seed: int, log_every: int, eval_every: int,
            ckpt: checkpoints.Checkpointer) -> tuple[Any, dict]:
   tx = optimizer.optimizer()
   state, state_sh = _init_state(s, tx, seed)
+  # Counts over the whole run, resumed runs included (a finished run re-reads them).
+  summary = dict(on_policy_steps=0, steps=0, skipped_steps=0, tokens=0.0, seconds=0.0)
   start = ckpt.latest_step()
   if start is not None:
     state, data_state = ckpt.restore(start, checkpoints.abstract_like(state, state_sh))
     s.iterator.restore(data_state)
+    summary.update(data_state.get(SUMMARY_KEY, {}))
   start = start or 0
   batch_sh = partitioning.logical_sharding(s.mesh, s.rules, "activation_batch", None)
   reward = None
@@ -245,7 +293,6 @@ def _train(s: Setup, method, num_steps: int, seed: int, log_every: int, eval_eve
     train_step = jax.jit(step_fn, in_shardings=(state_sh, s.teacher_shardings, batch_sh),
                          out_shardings=(state_sh, None), donate_argnums=(0,))
   writer, sigterm = s.writer("train"), _Sigterm()
-  summary = dict(on_policy_steps=0, steps=0, skipped_steps=0, tokens=0.0, seconds=0.0)
   bar = tqdm.tqdm(range(start, num_steps), initial=start, total=num_steps, desc="train",
                   disable=jax.process_index() != 0, dynamic_ncols=True)
   for step in bar:
@@ -274,11 +321,11 @@ def _train(s: Setup, method, num_steps: int, seed: int, log_every: int, eval_eve
       bar.set_postfix(loss=f"{metrics['loss']:.4f}", on_policy=f"{metrics['on_policy_fraction']:.2f}")
     eval_metrics = None
     if eval_every and (step + 1) % eval_every == 0 and step + 1 < num_steps:
-      eval_metrics = _evaluate(s, s.student, state.params, "eval", step + 1)
-    ckpt.save(step + 1, state, s.iterator.state(), metrics=eval_metrics,
+      eval_metrics = _evaluate(s, s.student, state.params, "eval", step + 1).metrics
+    ckpt.save(step + 1, state, _data_state(s, summary), metrics=eval_metrics,
               force=eval_metrics is not None)
     if sigterm.received:
-      ckpt.save(step + 1, state, s.iterator.state(), force=True)
+      ckpt.save(step + 1, state, _data_state(s, summary), force=True)
       ckpt.wait()
       raise RunStopped(f"SIGTERM at step {step + 1}: checkpoint saved in {s.model_dir}/"
                        "checkpoints; run the same command again to resume", exit_code=143)
@@ -324,21 +371,26 @@ def train(mode: str = "train", *, model_dir: str = gin.REQUIRED,
     if jax.process_index() == 0:
       with open(os.path.join(model_dir, "config.gin"), "w") as f:
         f.write(gin.operative_config_str())
+    ran = dataclasses.asdict(method)
+    ran["sampler"]["max_new_tokens"] = s.data["target_length"]  # the step samples this many
     results: dict = dict(mode=mode, model_dir=model_dir, config=dict(
-        s.fingerprint, method=dataclasses.asdict(method), data=s.data, num_steps=num_steps,
+        s.fingerprint, method=ran, data=s.data, num_steps=num_steps,
         seed=seed, mesh=dict(s.mesh.shape), rules=Parallelism().rules,
         eval=dataclasses.asdict(eval_config)))
     params = s.params
     if mode in ("train", "train_and_eval"):
       state, summary = _train(s, method, num_steps, seed, log_every, eval_every, ckpt)
-      ckpt.save(num_steps, state, s.iterator.state(), force=True)
+      ckpt.save(num_steps, state, _data_state(s, summary), force=True)
       ckpt.wait()
       params = state.params
       _export(os.path.join(model_dir, "export"), s.student, params)
+      # None where nothing was measured (NUM_STEPS = 0; a single step is all compilation).
       results["train"] = dict(
-          steps=int(state.step), on_policy_fraction=summary["on_policy_steps"] / max(summary["steps"], 1),
+          steps=int(state.step),
+          on_policy_fraction=(summary["on_policy_steps"] / summary["steps"]
+                              if summary["steps"] else None),
           skipped_steps=summary["skipped_steps"],
-          tokens_per_sec=summary["tokens"] / max(summary["seconds"], 1e-9))
+          tokens_per_sec=summary["tokens"] / summary["seconds"] if summary["seconds"] else None)
     elif ckpt.latest_step() is not None:
       state, state_sh = _init_state(s, optimizer.optimizer(), seed)
       state, _ = ckpt.restore(ckpt.latest_step(), checkpoints.abstract_like(state, state_sh))
@@ -346,9 +398,13 @@ def train(mode: str = "train", *, model_dir: str = gin.REQUIRED,
     if mode in ("eval", "train_and_eval"):
       step = ckpt.latest_step() or 0
       results["step"] = step
-      results["eval"] = _evaluate(s, s.student, params, "eval", step)
+      evaluated = _evaluate(s, s.student, params, "eval", step)
+      results["eval"] = evaluated.metrics
+      results["eval_examples"] = dict(split=s.data["eval_split"], count=len(evaluated.examples),
+                                      whole_split=evaluated.whole_split)
       if eval_config.evaluate_teacher and s.teacher is not None:
-        results["teacher_eval"] = _evaluate(s, s.teacher, s.teacher_params, "teacher_eval", step)
+        results["teacher_eval"] = _evaluate(s, s.teacher, s.teacher_params, "teacher_eval",
+                                            step).metrics
     _write_json(os.path.join(model_dir, "results.json"), results)
     if jax.process_index() == 0:
       with open(os.path.join(model_dir, "config.gin"), "w") as f:

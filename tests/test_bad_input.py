@@ -72,6 +72,13 @@ def _jsonl_directory(tmp):
           f"--gin.tasks.jsonl_task.validation_path={path}"], f"{path}' is a directory, not a file"
 
 
+def _jsonl_the_word_vocabulary_cannot_read(tmp):
+  path = tmp / "symbols.jsonl"
+  path.write_text('{"input": "x^2 + y^2 = z^2 ?", "target": "#### \\u03c0"}\n' * 4)
+  return ["--gin.tasks.data_config.name=jsonl", f"--gin.tasks.jsonl_task.train_path={path}",
+          f"--gin.tasks.jsonl_task.validation_path={path}"], "to unk (e.g. "
+
+
 def _gin_file_with_a_mistake(tmp, text, message):
   path = tmp / "mine.gin"
   path.write_text(text)
@@ -117,6 +124,7 @@ FRESH_DIR_CASES = {
         "bad Gin config in the binding 'gkd.train.Method.no_such = 1': Configurable "
         "'gkd.train.Method' doesn't have a parameter named 'no_such'"),
     "jsonl_directory": _jsonl_directory,
+    "jsonl_mostly_unknown_to_the_vocabulary": _jsonl_the_word_vocabulary_cannot_read,
     "gin_file_unknown_parameter": lambda tmp: _gin_file_with_a_mistake(
         tmp, "# mine\ngkd.train.Method.lmbda = 0.5\ngkd.train.Method.no_such = 1\n",
         "bad Gin config in {path}, line 3: Configurable 'gkd.train.Method' doesn't have a "

@@ -2,6 +2,9 @@
 Hugging Face tokenizer.json built here, a SentencePiece model trained here."""
 
 import json
+import os
+import subprocess
+import sys
 
 from hypothesis import given
 from hypothesis import settings
@@ -57,6 +60,7 @@ def make_hf_tokenizer(tmp_dir, bos: bool = True) -> str:
 
 
 WORD = vocabularies.get_vocabulary("word")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_word_vocabulary_specials_and_canonical_text():
@@ -129,3 +133,113 @@ def test_vocabulary_user_errors(tmp_path):
     vocabularies.get_vocabulary("hf", str(tmp_path / "missing.json"))
   with pytest.raises(UserError, match="does not exist"):
     vocabularies.get_vocabulary("sentencepiece", str(tmp_path / "x.model"))
+
+
+# ---------------------------------------------------------------- python -m gkd.vocab
+
+RECORDS = [{"input": f"Ana has {a} pens and {b} cups; how many x^2 {{items}} in total?",
+            "target": f"{a} + {b} = {a + b}. café #### {a + b}"}
+           for a in range(1, 12) for b in range(2, 9)]
+
+
+def _jsonl(path, records=RECORDS):
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  return str(path)
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "bpe"])
+def test_vocab_command_trains_on_the_task_text_and_round_trips(tmp_path, kind):
+  import gin  # pylint: disable=g-import-not-at-top
+  from gkd import vocab as vocab_cli  # pylint: disable=g-import-not-at-top
+  from gkd.tasks import coverage  # pylint: disable=g-import-not-at-top
+  data = _jsonl(tmp_path / "train.jsonl")
+  out = tmp_path / "vocab"
+  info = vocab_cli.build([data], kind, 300, str(out))
+  # vocab.gin selects exactly the trained file.
+  gin.clear_config()
+  gin.parse_config_file(info["gin"])
+  kind_bound = gin.query_parameter("tasks.get_vocabulary.kind")
+  path = gin.query_parameter("tasks.get_vocabulary.path")
+  gin.clear_config()
+  assert path == info["path"] and os.path.isfile(path)
+  vocab = vocabularies.get_vocabulary(kind_bound, path)
+  assert vocab.eos_id == info["eos_id"] == 1 and 4 < vocab.vocab_size <= 300
+  texts = [t for r in RECORDS for t in (r["input"], r["target"])]
+  if kind == "sentencepiece":
+    reference = spm.SentencePieceProcessor(model_file=path)
+    assert (reference.pad_id(), reference.eos_id(), reference.unk_id()) == (0, 1, 2)
+  else:
+    reference = tokenizers.Tokenizer.from_file(path)
+    assert [reference.token_to_id(t) for t in ("<pad>", "</s>", "<unk>", "<s>")] == [0, 1, 2, 3]
+    assert vocabularies.bos_id(vocab) == 3
+  for text in texts:
+    ids = vocab.encode(text)
+    expected = (reference.encode(text) if kind == "sentencepiece"
+                else reference.encode(text, add_special_tokens=False).ids)
+    assert ids == expected
+    assert vocab.decode(ids) == text  # round trip, symbols and accents included
+  assert info["unknown"] == coverage.unknown_fraction(vocab, texts) == 0.0
+  # Digits are pieces of their own: "37" is two tokens, whatever the training text.
+  assert [vocab.decode([i]).strip() for i in vocab.encode("37")][-2:] == ["3", "7"]
+
+
+def test_vocab_command_line_and_its_bad_input(tmp_path):
+  data = _jsonl(tmp_path / "train.jsonl")
+  out = tmp_path / "vocab"
+
+  def run(*args):
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    return subprocess.run([sys.executable, "-m", "gkd.vocab", *args], capture_output=True,
+                          text=True, timeout=300, env=env, cwd=ROOT)
+  proc = run(f"--jsonl={data}", "--kind=bpe", "--size=280", f"--out={out}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stderr == ""  # no TensorFlow start-up lines
+  assert f"Gin: {out}/vocab.gin" in proc.stdout and "eos_id = 1" in proc.stdout
+  for args, message in [
+      ([f"--jsonl={data}", "--kind=bpe", "--size=280", f"--out={out}"], "not an empty directory"),
+      ([f"--jsonl={tmp_path}", f"--out={tmp_path / 'b'}"], "is a directory, not a file"),
+      ([f"--jsonl={data}", "--kind=bpe", "--size=100", f"--out={tmp_path / 'c'}"],
+       "too small for a byte-level BPE"),
+      ([f"--out={tmp_path / 'd'}"], "no --jsonl given")]:
+    proc = run(*args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+  assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def _unknown_share(records):
+  """Independently of the ids: the share of word-vocabulary tokens not in its word list."""
+  known = set(WORD.tokens)
+  pieces = [p for r in records for t in (r["input"], r["target"])
+            for p in vocabularies._WORD_RE.findall(t)]  # pylint: disable=protected-access
+  return sum(p not in known for p in pieces) / len(pieces)
+
+
+def test_unknown_tokens_warn_then_refuse(tmp_path):
+  good = {"input": "Tom has 3 apples.", "target": "#### 3"}
+  odd = {"input": "Tom has 3 zebras.", "target": "#### 3"}
+  cases = {"clean": [good] * 20, "few": [good] * 9 + [odd],
+           "most": [{"input": "x^2 + y^2 = z^2 ?", "target": "#### \u03c0"}] * 20}
+  got = {}
+  for name, records in cases.items():
+    task = tasks.get_task("jsonl", WORD, train_path=_jsonl(tmp_path / f"{name}.jsonl", records))
+    try:
+      got[name] = tasks.check_unknown_tokens(task, "train")
+    except UserError as e:
+      got[name] = e
+  assert _unknown_share(cases["clean"]) == 0 and got["clean"] is None
+  share = _unknown_share(cases["few"])
+  assert 0.01 < share < 0.1  # one unknown word among 10 records: warned, not refused
+  assert isinstance(got["few"], str) and f"{100 * share:.1f}% of the tokens" in got["few"]
+  assert "'zebras.'" in got["few"] and "python -m gkd.vocab" in got["few"]
+  assert _unknown_share(cases["most"]) > 0.1
+  assert isinstance(got["most"], UserError) and "to unk" in str(got["most"])
+  assert "tasks.unknown_token_limits.refuse" in str(got["most"])
+  # A vocabulary trained on that text has no unknowns there.
+  from gkd import vocab as vocab_cli  # pylint: disable=g-import-not-at-top
+  info = vocab_cli.build([str(tmp_path / "most.jsonl")], "sentencepiece", 64,
+                         str(tmp_path / "sp"))
+  trained = vocabularies.get_vocabulary("sentencepiece", info["path"])
+  task = tasks.get_task("jsonl", trained, train_path=str(tmp_path / "most.jsonl"))
+  assert tasks.check_unknown_tokens(task, "train") is None

@@ -9,6 +9,7 @@ The API the trainer uses (see docs/tasks.md):
   for eb in eval_examples(task, "validation", ...): eb.batch, eb.valid, ...
   texts = decode(vocab, tokens, mask)
   scores = compute_metrics(task, targets, predictions)  # {"accuracy": ..}
+  warning = check_unknown_tokens(task, "train")  # None, a warning, or UserError
 """
 
 from typing import Mapping, Sequence
@@ -22,6 +23,7 @@ startup.import_tensorflow()  # first, so that TensorFlow never sees the accelera
 # Importing jsonl and paper registers their task builders.
 from gkd.tasks import jsonl  # pylint: disable=unused-import
 from gkd.tasks import paper  # pylint: disable=unused-import
+from gkd.tasks.coverage import check_task as check_unknown_tokens
 from gkd.tasks.features import decode
 from gkd.tasks.pipeline import batch_iterator
 from gkd.tasks.pipeline import BatchIterator
@@ -63,5 +65,5 @@ def data_config(name: str = gin.REQUIRED, *, input_length: int = 64,
 
 
 __all__ = ["BUILDERS", "BatchIterator", "EvalBatch", "batch_iterator",
-           "data_config", "decode", "eval_examples", "get_task",
+           "check_unknown_tokens", "data_config", "decode", "eval_examples", "get_task",
            "compute_metrics", "get_vocabulary", "vocabulary_of"]

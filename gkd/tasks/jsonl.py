@@ -85,8 +85,8 @@ def read_jsonl(path: str, fields: Sequence[str] = ("input", "target")
                ) -> tuple[tuple[str, ...], ...]:
   """The (input, target) records of a JSONL file."""
   if os.path.isdir(path):
-    raise UserError(f"JSONL file {path!r} is a directory, not a file; bind "
-                    "tasks.jsonl_task's path to the .jsonl file in it")
+    raise UserError(f"JSONL file {path!r} is a directory, not a file; give the "
+                    ".jsonl file in it")
   if not os.path.isfile(path):
     raise UserError(f"JSONL file {path!r} does not exist; fix the path bound "
                     "to tasks.jsonl_task")

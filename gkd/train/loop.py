@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
 from typing import Any, Optional
 
@@ -177,6 +178,9 @@ def setup(model_dir: str, student: ModelSource, teacher: Optional[ModelSource],
   mesh, rules = Parallelism().mesh_and_rules()
   vocab = tasks.get_vocabulary()
   task = tasks.get_task(data["name"], vocab)
+  warning = tasks.check_unknown_tokens(task, data["train_split"])  # refuses too many unks
+  if warning and jax.process_index() == 0:
+    print(f"gkd: warning: {warning}", file=sys.stderr, flush=True)
   iterator = tasks.batch_iterator(
       task, data["train_split"], input_length=data["input_length"],
       target_length=data["target_length"], batch_size=data["batch_size"], seed=seed,

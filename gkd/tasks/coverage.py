@@ -76,7 +76,7 @@ def check_task(task: seqio.Task, split: str, max_examples: int = 1000) -> Option
     ex = it.next_example()
     if ex is None:
       break
-    inputs, targets, input_text, target_text = ex
+    inputs, targets, input_text, target_text = ex[:4]
     found = int(np.sum(inputs == unk)) + int(np.sum(targets == unk))
     unknown, total = unknown + found, total + len(inputs) + len(targets)
     if found:

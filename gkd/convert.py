@@ -12,6 +12,7 @@ import sys
 
 from absl import app, flags
 
+from gkd import startup
 from gkd.errors import UserError
 from gkd.models import checkpoint, hf, registry
 
@@ -47,5 +48,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
+  startup.quiet()
   flags.mark_flags_as_required(['direction', 'src', 'dst'])
-  app.run(main)
+  startup.run_app(main, sys.argv)

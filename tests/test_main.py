@@ -84,12 +84,17 @@ def export_params(model_dir):
           for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
-def test_train_and_eval_writes_the_model_directory(tmp_path):
-  model_dir = str(tmp_path / "run")
-  proc = run_main(model_dir, "--gin.NUM_STEPS=4", mode="train_and_eval")
+def train_and_eval(model_dir, *extra):
+  """Runs --mode=train_and_eval (which must succeed); returns (process, results.json)."""
+  proc = run_main(model_dir, *extra, mode="train_and_eval")
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(os.path.join(model_dir, "results.json")) as f:
-    results = json.load(f)
+    return proc, json.load(f)
+
+
+def test_train_and_eval_writes_the_model_directory(tmp_path):
+  model_dir = str(tmp_path / "run")
+  proc, results = train_and_eval(model_dir, "--gin.NUM_STEPS=4")
   assert results["train"]["steps"] == 4
   assert 0.0 <= results["eval"]["accuracy"] <= 100.0
   assert results["config"]["method"]["lmbda"] == 0.5
@@ -119,10 +124,7 @@ def test_train_and_eval_writes_the_model_directory(tmp_path):
   # Re-running the finished run's command trains nothing and reports the run's
   # real figures (they were rewritten as zero-step statistics: fraction 0.0, 0 tok/s).
   assert 0 < results["train"]["on_policy_fraction"] and results["train"]["tokens_per_sec"] > 0
-  proc = run_main(model_dir, "--gin.NUM_STEPS=4", mode="train_and_eval")
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  with open(os.path.join(model_dir, "results.json")) as f:
-    rerun = json.load(f)
+  _, rerun = train_and_eval(model_dir, "--gin.NUM_STEPS=4")
   assert rerun["train"] == results["train"] and rerun["eval"] == results["eval"]
   assert sorted(losses_by_step(model_dir)) == [1, 2, 3, 4]
 

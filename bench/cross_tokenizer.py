@@ -30,6 +30,8 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from gkd.losses import cross_tokenizer
 from gkd.tasks import alignment, features, vocabularies
 
+import loadguard  # bench/loadguard.py: refuses a loaded machine
+
 WORDS = ("the a one two three clips sold many half April May how did sell altogether fox dog "
          "quick brown lazy jumps over summary states key facts document naïve café über "
          "Natalia Weng earns hour babysitting minutes much 48 12 7 + - = . , ? #### 日本").split()
@@ -115,7 +117,9 @@ def main():
   parser.add_argument("--pairs", default="bpe-bpe_big,bpe_big-bpe,bpe-sp,sp-bpe,word-bpe,byte-bpe")
   parser.add_argument("--vocab", type=int, default=0)
   parser.add_argument("--repeats", type=int, default=3)
+  loadguard.add_flags(parser)
   args = parser.parse_args()
+  loadguard.check(args)
   with tempfile.TemporaryDirectory() as root:
     vocabs = build_vocabularies(root)
     print(f"batch={args.batch} input_len={args.input_len} target_len={args.target_len} "

@@ -65,25 +65,28 @@ class MarkedStream:
 
   Markdown table rows (lines starting with "|") get one more column: " validity |"
   on a table's header, "---|" on its separator, " <mark> |" on its rows; other
-  non-empty lines get "<mark>: " in front.
+  non-empty lines get "<mark>: " in front. A table line that follows other
+  lines is a header unless it has as many cells as the last header (a table
+  whose rows are interleaved with notes).
   """
 
   def __init__(self, stream: TextIO, mark: str):
     self._stream, self.mark = stream, mark
-    self._pending, self._in_table, self._header_done = "", False, False
+    self._pending, self._in_table, self._columns = "", False, None
 
   def _line(self, line: str) -> str:
     text = line.rstrip()
     if not text.startswith("|"):
       self._in_table = False
       return f"{self.mark}: {line}" if text else line
-    if not self._in_table:
-      self._in_table, self._header_done = True, False
-      return text + " validity |"
-    if not self._header_done and set(text) <= set("|-: "):
-      self._header_done = True
+    columns = text.count("|")
+    if set(text) <= set("|-: "):
+      self._in_table = True
       return text + "---|"
-    self._header_done = True
+    if not self._in_table and columns != self._columns:
+      self._in_table, self._columns = True, columns
+      return text + " validity |"
+    self._in_table = True
     return text + f" {self.mark} |"
 
   def write(self, text: str) -> int:

@@ -11,7 +11,9 @@ Flags: --gin_file (repeatable; relative names are looked up in --gin_search_path
 the current directory and the package's configs/), --gin.NAME=VALUE (a binding
 or macro; a bare string value is quoted for you), --gin_bindings, --mode, and
 multi-host initialisation (--coordinator_address, --num_processes,
---process_id; on TPU VMs it is automatic).
+--process_id; on TPU VMs it is automatic), and --pin_cpus (run on these CPUs
+only: runs pinned to one CPU give the same numbers whatever the machine's core
+count).
 
 At the end it prints the final evaluation (which split, how many examples)
 and the path of results.json. TensorFlow's native start-up lines are dropped

@@ -39,12 +39,16 @@ SPECIALS = ("<pad>", "</s>", "<unk>", "<s>")  # ids 0-3 of a BPE vocabulary
 BYTE_ALPHABET = 256
 
 FLAGS = flags.FLAGS
-flags.DEFINE_multi_string("jsonl", [], "JSONL file(s) whose text the vocabulary learns.")
-flags.DEFINE_enum("kind", "sentencepiece", KINDS, "SentencePiece unigram or byte-level BPE.")
-flags.DEFINE_integer("size", 8000, "Largest vocabulary size (ids).")
-flags.DEFINE_string("out", None, "New (or empty) directory for the vocabulary and vocab.gin.")
-flags.DEFINE_string("input_field", "input", "The records' input field.")
-flags.DEFINE_string("target_field", "target", "The records' target field.")
+
+
+def define_flags() -> None:
+  """The CLI's flags (defined when run as a program: `gkd.demo` also has --out)."""
+  flags.DEFINE_multi_string("jsonl", [], "JSONL file(s) whose text the vocabulary learns.")
+  flags.DEFINE_enum("kind", "sentencepiece", KINDS, "SentencePiece unigram or byte-level BPE.")
+  flags.DEFINE_integer("size", 8000, "Largest vocabulary size (ids).")
+  flags.DEFINE_string("out", None, "New (or empty) directory for the vocabulary and vocab.gin.")
+  flags.DEFINE_string("input_field", "input", "The records' input field.")
+  flags.DEFINE_string("target_field", "target", "The records' target field.")
 
 
 def _check_out(out: str) -> None:
@@ -151,4 +155,5 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   startup.quiet()
+  define_flags()
   startup.run_app(main, sys.argv)

@@ -180,4 +180,4 @@ def test_parse_gin_binds_or_raises_a_user_error(args):
   try:
     main.parse_gin(["experiments/tiny/gkd.gin"], bindings, [])
   except UserError as e:
-    assert str(e).startswith(("bad Gin config: ", "gin file ")), str(e)
+    assert str(e).startswith(("bad Gin config ", "gin file ")), str(e)

@@ -3,8 +3,15 @@
 Both decode the same tiny Llama-family model (a random `LlamaForCausalLM`,
 saved as safetensors and imported with `gkd.models.load_hf`), on CPU, in
 float32, from the same left-padded prompts, for exactly `--new_tokens` new
-tokens (HF: min_new_tokens = max_new_tokens; ours: EOS disabled). Runs
-alternate, after one warm-up each; the table shows new tokens per second.
+tokens (HF: min_new_tokens = max_new_tokens; ours: EOS disabled). At each
+batch size in `--batches`, runs alternate after one warm-up each; the first
+table has the medians (new tokens per second, the ratio to `generate`
+measured in this run) and whether the greedy tokens are HF's.
+
+The second table measures the early stop: at `--early_batch`, the EOS id is
+the token by which every row's greedy output has emitted it soonest (a batch
+whose rows all finish early); `sample` with that EOS (the loop ends when every
+row has emitted it) against the same model with EOS disabled (all N steps).
 
   /work/heavy python bench/decode.py            # greedy
   /work/heavy python bench/decode.py --sample   # temperature-1 sampling
@@ -31,13 +38,15 @@ import loadguard  # bench/loadguard.py: refuses a loaded machine
 
 def parse_args() -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--batches", default="8,32,64", help="comma-separated batch sizes")
   p.add_argument("--prompt_len", type=int, default=32)
-  p.add_argument("--new_tokens", type=int, default=64)
-  p.add_argument("--reps", type=int, default=5)
+  p.add_argument("--new_tokens", type=int, default=256)
+  p.add_argument("--reps", type=int, default=3)
   p.add_argument("--vocab", type=int, default=1024)
   p.add_argument("--hidden", type=int, default=128)
   p.add_argument("--layers", type=int, default=4)
+  p.add_argument("--early_batch", type=int, default=32,
+                 help="batch size of the early-stop table (0: no such table)")
   p.add_argument("--torch_threads", type=int, default=0,
                  help="torch.set_num_threads (0: torch's default)")
   p.add_argument("--sample", action="store_true",
@@ -51,18 +60,18 @@ def hf_model(args: argparse.Namespace) -> transformers.LlamaForCausalLM:
   config = transformers.LlamaConfig(
       vocab_size=args.vocab, hidden_size=args.hidden,
       intermediate_size=2 * args.hidden, num_hidden_layers=args.layers,
-      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
   return transformers.LlamaForCausalLM(config).eval()
 
 
-def prompts(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
+def prompts(batch: int, length: int, vocab: int) -> tuple[np.ndarray, np.ndarray]:
   """Left-padded prompts of random lengths: (tokens, mask) int[B, I]."""
-  rng = np.random.default_rng(0)
-  lengths = rng.integers(args.prompt_len // 2, args.prompt_len + 1, args.batch)
-  lengths[0] = args.prompt_len
-  tokens = rng.integers(3, args.vocab, (args.batch, args.prompt_len))
-  mask = np.arange(args.prompt_len)[None] >= args.prompt_len - lengths[:, None]
+  rng = np.random.default_rng(batch)
+  lengths = rng.integers(length // 2, length + 1, batch)
+  lengths[0] = length
+  tokens = rng.integers(3, vocab, (batch, length))
+  mask = np.arange(length)[None] >= length - lengths[:, None]
   return np.where(mask, tokens, 0).astype(np.int32), mask.astype(np.int32)
 
 
@@ -72,65 +81,119 @@ def timed(fn) -> tuple[float, object]:
   return time.perf_counter() - start, out
 
 
+def alternate(fns, reps: int) -> tuple[list[float], list]:
+  """Warms each fn up, then runs them in turn `reps` times: (median seconds, last outputs)."""
+  outs = [fn(0) for fn in fns]
+  times = [[] for _ in fns]
+  for rep in range(1, reps + 1):
+    for i, fn in enumerate(fns):
+      t, outs[i] = timed(lambda: fn(rep))  # pylint: disable=cell-var-from-loop
+      times[i].append(t)
+  return [statistics.median(t) for t in times], outs
+
+
+class Ours:
+  """The jitted `sample` of a model: (tokens, mask, steps) as numpy."""
+
+  def __init__(self, model, params, config):
+    self.params = params
+    self.fn = jax.jit(lambda p, b, r: sampling.sample(model, p, b, r, config))
+
+  def __call__(self, batch, rep):
+    s = self.fn(self.params, batch, jax.random.key(rep))
+    return np.asarray(s.tokens), np.asarray(s.mask), int(s.steps)
+
+
+def first_eos_everywhere(tokens: np.ndarray) -> tuple[int, int]:
+  """(token, step): the token that every row of `tokens` [B, N] has emitted
+  soonest, and the step (1-based) by which the last row has."""
+  b, n = tokens.shape
+  first = np.full((b, tokens.max() + 1), n + 1)
+  for t in range(n - 1, -1, -1):
+    first[np.arange(b), tokens[:, t]] = t + 1
+  last = first.max(axis=0)
+  token = int(np.argmin(last))
+  return token, int(last[token])
+
+
 def main() -> None:
   args = parse_args()
   loadguard.check(args)
   if args.torch_threads:
     torch.set_num_threads(args.torch_threads)
   hf = hf_model(args)
-  tokens, mask = prompts(args)
   with tempfile.TemporaryDirectory() as tmp:
     hf.save_pretrained(tmp, safe_serialization=True)
     model, params = load_hf(tmp, dtype="float32")
   # Never stop early: HF suppresses EOS below min_new_tokens; we disable it.
-  model = DecoderModel(dataclasses.replace(model.config, eos_id=-1))
-
+  no_eos = DecoderModel(dataclasses.replace(model.config, eos_id=-1))
   n = args.new_tokens
-  config = sampling.SampleConfig(max_new_tokens=n, greedy=not args.sample,
-                                 temperature=1.0)
-  batch = {"input_tokens": jnp.asarray(tokens), "input_mask": jnp.asarray(mask)}
-  ours_fn = jax.jit(lambda p, b, r: sampling.sample(model, p, b, r, config).tokens)
-  gen_kwargs = dict(
-      input_ids=torch.tensor(tokens, dtype=torch.long),
-      attention_mask=torch.tensor(mask, dtype=torch.long),
-      max_new_tokens=n, min_new_tokens=n, do_sample=args.sample,
-      pad_token_id=0, eos_token_id=2)
-  if args.sample:
-    gen_kwargs.update(temperature=1.0, top_k=0, top_p=1.0)
-
-  def ours(rep):
-    return np.asarray(ours_fn(params, batch, jax.random.key(rep)))
-
-  @torch.inference_mode()
-  def theirs(rep):
-    torch.manual_seed(rep)
-    return hf.generate(**gen_kwargs)[:, args.prompt_len:].numpy()
-
-  ours(0), theirs(0)  # warm-up (compilation, caches)
-  rows = []
-  for rep in range(1, args.reps + 1):
-    t_ours, out_ours = timed(lambda: ours(rep))
-    t_hf, out_hf = timed(lambda: theirs(rep))
-    rows.append((t_ours, t_hf))
-  new = args.batch * n
-  print(f"batch {args.batch}, prompt {args.prompt_len}, new tokens {n}, "
-        f"{'sampling (T=1)' if args.sample else 'greedy'}, float32 CPU, "
+  config = sampling.SampleConfig(max_new_tokens=n, greedy=not args.sample, temperature=1.0)
+  ours = Ours(no_eos, params, config)
+  kind = "sampling (T=1)" if args.sample else "greedy"
+  print(f"prompt {args.prompt_len}, new tokens {n}, {kind}, float32 CPU, "
         f"jax {jax.__version__} ({jax.device_count()} devices), "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"transformers {transformers.__version__}, cores {os.cpu_count()}")
-  print(f"{'rep':>4} {'gkd s':>8} {'gkd tok/s':>10} {'HF s':>8} {'HF tok/s':>10}")
-  for i, (a, b) in enumerate(rows, 1):
-    print(f"{i:>4} {a:8.4f} {new / a:10.0f} {b:8.4f} {new / b:10.0f}")
-  med_ours = statistics.median(a for a, _ in rows)
-  med_hf = statistics.median(b for _, b in rows)
-  print(f"median: gkd {new / med_ours:.0f} new tokens/s, HF generate "
-        f"{new / med_hf:.0f} new tokens/s; ratio {med_hf / med_ours:.1f}x")
-  best_ours, best_hf = min(a for a, _ in rows), min(b for _, b in rows)
-  print(f"best:   gkd {new / best_ours:.0f} new tokens/s, HF generate "
-        f"{new / best_hf:.0f} new tokens/s; ratio {best_hf / best_ours:.1f}x")
+        f"transformers {transformers.__version__}, cores {os.cpu_count()}, "
+        f"medians of {args.reps}")
+
+  rows, agree = [], {}
+  for b in [int(x) for x in args.batches.split(",") if x]:
+    tokens, mask = prompts(b, args.prompt_len, args.vocab)
+    batch = {"input_tokens": jnp.asarray(tokens), "input_mask": jnp.asarray(mask)}
+    gen_kwargs = dict(
+        input_ids=torch.tensor(tokens, dtype=torch.long),
+        attention_mask=torch.tensor(mask, dtype=torch.long),
+        max_new_tokens=n, min_new_tokens=n, do_sample=args.sample, pad_token_id=0,
+        eos_token_id=2)
+    if args.sample:
+      gen_kwargs.update(temperature=1.0, top_k=0, top_p=1.0)
+
+    @torch.inference_mode()
+    def theirs(rep, gen_kwargs=gen_kwargs):
+      torch.manual_seed(rep)
+      return hf.generate(**gen_kwargs)[:, args.prompt_len:].numpy()
+
+    (t_ours, t_hf), (out_ours, out_hf) = alternate(
+        [lambda rep, batch=batch: ours(batch, rep), theirs], args.reps)
+    agree[b] = float(np.mean(out_ours[0] == out_hf))
+    rows.append((b, t_ours, t_hf))
+
+  print("| batch | new tokens | gkd s | gkd tok/s | HF s | HF tok/s | ratio |")
+  print("|---|---|---|---|---|---|---|")
+  for b, t_ours, t_hf in rows:
+    print(f"| {b} | {n} | {t_ours:.3f} | {b * n / t_ours:.0f} | {t_hf:.3f} | "
+          f"{b * n / t_hf:.0f} | {t_hf / t_ours:.2f}x |")
   if not args.sample:  # same weights, same greedy choices (HF never emits EOS)
-    agree = np.mean(out_ours == out_hf)
-    print(f"greedy tokens identical to HF: {agree:.1%}")
+    print("greedy tokens identical to HF: " + ", ".join(
+        f"batch {b} {a:.1%}" for b, a in agree.items()) +
+          (" (all identical)" if all(a == 1 for a in agree.values()) else " (DIFFER)"))
+  if args.early_batch:
+    early_stop(args, model, params, config)
+
+
+def early_stop(args: argparse.Namespace, model: DecoderModel, params, config) -> None:
+  """The early-stop table: one batch whose rows all emit a chosen EOS early."""
+  b, n = args.early_batch, config.max_new_tokens
+  tokens, mask = prompts(b, args.prompt_len, args.vocab)
+  batch = {"input_tokens": jnp.asarray(tokens), "input_mask": jnp.asarray(mask)}
+  greedy = dataclasses.replace(config, greedy=True)
+  full = Ours(DecoderModel(dataclasses.replace(model.config, eos_id=-1)), params, greedy)
+  eos, last = first_eos_everywhere(full(batch, 0)[0])
+  stops = Ours(DecoderModel(dataclasses.replace(model.config, eos_id=eos)), params, greedy)
+  (t_stop, t_full), (out_stop, out_full) = alternate(
+      [lambda rep: stops(batch, rep), lambda rep: full(batch, rep)], args.reps)
+  # The full-length run's tokens up to each row's first EOS must be those kept.
+  ended = np.cumsum(np.cumsum(out_full[0] == eos, axis=1), axis=1) > 1
+  same = (np.array_equal(out_stop[0], np.where(ended, 0, out_full[0]))
+          and np.array_equal(out_stop[1], (~ended).astype(np.int32)))
+  print(f"early stop, greedy: every row of batch {b} has emitted token {eos} (as EOS) "
+        f"by step {last} of {n}")
+  print("| batch | EOS id | steps run | early stop s | all steps s | saving |")
+  print("|---|---|---|---|---|---|")
+  print(f"| {b} | {eos} | {out_stop[2]} / {n} | {t_stop:.3f} | {t_full:.3f} | "
+        f"{t_full / t_stop:.2f}x |")
+  print(f"early-stop tokens and mask equal the all-steps run's cut at EOS: {same}")
 
 
 if __name__ == "__main__":

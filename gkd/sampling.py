@@ -9,6 +9,9 @@ as its leading axis, so it shards on the batch axis like the inputs.
 Output convention (shared with the batch's target keys): each row holds the
 new tokens up to and including the first EOS (mask 1); every later position is
 pad id 0 with mask 0. A row that never emits EOS fills all `max_new_tokens`.
+`sample` stops as soon as every row has emitted EOS; the outputs keep their
+static shape [B, N] and equal those of running all N steps (`Samples.steps`
+says how many ran).
 """
 
 import dataclasses
@@ -108,10 +111,11 @@ def _check(ok: bool, name: str, value: Any, fix: str) -> None:
 
 @flax.struct.dataclass
 class Samples:
-  """Decoded outputs; all arrays [batch, max_new_tokens]."""
+  """Decoded outputs; arrays [batch, max_new_tokens] but `steps`."""
   tokens: Array  # int32[B, N] new tokens, EOS included, pad 0 after it
   mask: Array  # int32[B, N] 1 up to and including EOS, 0 after
   logprobs: Optional[Array] = None  # float32[B, N] log p(token), 0 where mask 0
+  steps: Optional[Array] = None  # int32[] decode steps run (< N: every row ended early)
 
 
 def with_targets(batch: api.Batch, samples: Samples) -> dict[str, Array]:
@@ -241,7 +245,9 @@ def sample(model: api.Model, params: api.Params, batch: api.Batch, rng: Array,
     config: a `SampleConfig` (static under jit).
 
   Returns:
-    `Samples` [B, N]; `logprobs` only if `config.return_logprobs`.
+    `Samples` [B, N]; `logprobs` only if `config.return_logprobs`; `steps`
+    the decode steps run: max over rows of their length, since the loop
+    ends once every row has emitted EOS.
   """
   n = config.max_new_tokens
   cache, first = model.init_cache(params, batch, n)
@@ -271,7 +277,8 @@ def sample(model: api.Model, params: api.Params, batch: api.Batch, rng: Array,
   mask = (jnp.arange(n)[None, :] < s.length[:, None]).astype(jnp.int32)
   return Samples(
       tokens=_batch_sharded(s.tokens), mask=_batch_sharded(mask),
-      logprobs=None if s.logprobs is None else _batch_sharded(s.logprobs))
+      logprobs=None if s.logprobs is None else _batch_sharded(s.logprobs),
+      steps=s.step)
 
 
 def segment_ends(n: int, segments: int) -> list[int]:

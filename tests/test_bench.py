@@ -81,15 +81,35 @@ def test_every_bench_script_refuses_a_loaded_machine(script):
 
 
 def _run(script, *flags):
+  return _run_out(script, *flags)[0]
+
+
+def _run_out(script, *flags):
+  """Runs a bench script with --allow_load: (its table rows without the validity column, stdout)."""
   out = subprocess.run([sys.executable, os.path.join(BENCH, script), "--allow_load", *flags],
                        capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   rows = [l for l in out.stdout.splitlines() if l.startswith("|")]
   if "INVALID (load" in out.stdout:  # a loaded machine: every row says so in its last column
-    assert rows[0].endswith(" validity |") and rows[1].endswith("---|---|")
-    assert all(r.endswith(" |") and "INVALID (load" in _cells(r)[-1] for r in rows[2:])
-    rows = [r[:r[:-1].rindex("|") + 1] for r in rows]  # the table without that column
-  return rows
+    heads = [i for i, r in enumerate(rows) if r.endswith(" validity |")]  # one per table
+    assert heads[0] == 0 and all(rows[i + 1].endswith("---|---|") for i in heads)
+    body = [r for i, r in enumerate(rows) if i not in heads and i - 1 not in heads]
+    assert all(r.endswith(" |") and "INVALID (load" in _cells(r)[-1] for r in body)
+    rows = [r[:r[:-1].rindex("|") + 1] for r in rows]  # the tables without that column
+  return rows, out.stdout
+
+
+def _tables(rows):
+  """Splits `_run`'s rows into tables: lists of cell lists, header first, separator dropped."""
+  tables = []
+  for i, r in enumerate(rows):
+    if set(r) <= set("|-: "):
+      tables.append([_cells(rows[i - 1])])
+    elif i + 1 < len(rows) and set(rows[i + 1]) <= set("|-: "):
+      continue
+    else:
+      tables[-1].append(_cells(r))
+  return tables
 
 
 def _cells(line):
@@ -141,3 +161,19 @@ def test_cross_tokenizer_table():
   body = [_cells(r) for r in rows[2:]]
   assert [(r[0], r[1]) for r in body] == [("bpe", "bpe_big"), ("sp", "bpe"), ("byte", "bpe")]
   assert all(float(c) > 0 for r in body for c in r[4:])
+
+
+@pytest.mark.slow
+def test_decode_tables():
+  rows, stdout = _run_out("decode.py", "--batches", "2,3", "--prompt_len", "4", "--new_tokens",
+                          "8", "--reps", "1", "--vocab", "64", "--hidden", "32", "--layers", "1",
+                          "--early_batch", "2")
+  speed, early = _tables(rows)
+  assert speed[0][:2] == ["batch", "new tokens"] and speed[0][-1] == "ratio"
+  assert [r[:2] for r in speed[1:]] == [["2", "8"], ["3", "8"]]
+  assert all(float(c.rstrip("x")) > 0 for r in speed[1:] for c in r[2:])
+  assert early[0][:3] == ["batch", "EOS id", "steps run"] and len(early) == 2
+  steps, n = map(int, early[1][2].split(" / "))
+  assert n == 8 and 1 <= steps <= 8
+  assert "greedy tokens identical to HF: batch 2 100.0%, batch 3 100.0%" in stdout
+  assert "cut at EOS: True" in stdout

@@ -240,7 +240,42 @@ def test_loop_stops_early_when_all_rows_finished():
   jax.effects_barrier()
   np.testing.assert_array_equal(out.tokens, [[2, 0, 0, 0, 0, 0]] * 3)
   np.testing.assert_array_equal(out.mask, [[1, 0, 0, 0, 0, 0]] * 3)
-  assert len(calls) == 1
+  assert len(calls) == 1 and int(out.steps) == 1
+
+
+def _all_steps_cut_at_eos(model, params, batch, rng, config):
+  """Reference for early stop: `sample` of the same model with EOS disabled
+  (all N steps run), cut after each row's first EOS: (Samples, tokens, mask)."""
+  free = _sample(_without_eos(model), params, batch, rng, config)
+  assert int(free.steps) == config.max_new_tokens
+  tokens, mask = _stop_at_eos(np.asarray(free.tokens), model.eos_id)
+  return free, tokens, mask
+
+
+def _without_eos(model):
+  if isinstance(model, MarkovModel):
+    return dataclasses.replace(model, eos_id=-1)
+  return type(model)(dataclasses.replace(model.config, eos_id=-1))
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_early_stop_equals_all_steps_cut_at_eos(greedy):
+  # EOS has probability ~0.3 at every step (and is never the argmax of the
+  # second-order model's logits for every context), so rows end at different
+  # steps; the loop must stop at the last of them and change nothing else.
+  params = _markov_params(3, v=6, scale=1.0)
+  params["table"] = params["table"].at[:, 2].add(1.0)
+  model = MarkovModel(6, eos_id=2)
+  batch = {"input_tokens": jnp.asarray(np.random.default_rng(0).integers(0, 6, (16, 3))),
+           "input_mask": jnp.ones((16, 3), jnp.int32)}
+  config = sampling.SampleConfig(max_new_tokens=40, greedy=greedy, return_logprobs=True)
+  out = _sample(model, params, batch, jax.random.key(5), config)
+  free, tokens, mask = _all_steps_cut_at_eos(model, params, batch, jax.random.key(5), config)
+  np.testing.assert_array_equal(out.tokens, tokens)
+  np.testing.assert_array_equal(out.mask, mask)
+  np.testing.assert_allclose(out.logprobs, np.where(mask, free.logprobs, 0.0), rtol=1e-6)
+  lengths = mask.sum(axis=1)
+  assert int(out.steps) == lengths.max() < config.max_new_tokens
 
 
 # ------------------------------------------------------------- beam search

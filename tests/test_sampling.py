@@ -243,39 +243,34 @@ def test_loop_stops_early_when_all_rows_finished():
   assert len(calls) == 1 and int(out.steps) == 1
 
 
-def _all_steps_cut_at_eos(model, params, batch, rng, config):
-  """Reference for early stop: `sample` of the same model with EOS disabled
-  (all N steps run), cut after each row's first EOS: (Samples, tokens, mask)."""
-  free = _sample(_without_eos(model), params, batch, rng, config)
+def _check_early_stop(model, params, batch, rng, config):
+  """`sample` == the same model with EOS disabled (all N steps run), cut
+  after each row's first EOS; and it ran only until the longest row ended."""
+  out = _sample(model, params, batch, rng, config)
+  no_eos = (dataclasses.replace(model, eos_id=-1) if isinstance(model, MarkovModel)
+            else type(model)(dataclasses.replace(model.config, eos_id=-1)))
+  free = _sample(no_eos, params, batch, rng, config)
   assert int(free.steps) == config.max_new_tokens
   tokens, mask = _stop_at_eos(np.asarray(free.tokens), model.eos_id)
-  return free, tokens, mask
-
-
-def _without_eos(model):
-  if isinstance(model, MarkovModel):
-    return dataclasses.replace(model, eos_id=-1)
-  return type(model)(dataclasses.replace(model.config, eos_id=-1))
-
-
-@pytest.mark.parametrize("greedy", [False, True])
-def test_early_stop_equals_all_steps_cut_at_eos(greedy):
-  # EOS has probability ~0.3 at every step (and is never the argmax of the
-  # second-order model's logits for every context), so rows end at different
-  # steps; the loop must stop at the last of them and change nothing else.
-  params = _markov_params(3, v=6, scale=1.0)
-  params["table"] = params["table"].at[:, 2].add(1.0)
-  model = MarkovModel(6, eos_id=2)
-  batch = {"input_tokens": jnp.asarray(np.random.default_rng(0).integers(0, 6, (16, 3))),
-           "input_mask": jnp.ones((16, 3), jnp.int32)}
-  config = sampling.SampleConfig(max_new_tokens=40, greedy=greedy, return_logprobs=True)
-  out = _sample(model, params, batch, jax.random.key(5), config)
-  free, tokens, mask = _all_steps_cut_at_eos(model, params, batch, jax.random.key(5), config)
   np.testing.assert_array_equal(out.tokens, tokens)
   np.testing.assert_array_equal(out.mask, mask)
   np.testing.assert_allclose(out.logprobs, np.where(mask, free.logprobs, 0.0), rtol=1e-6)
   lengths = mask.sum(axis=1)
   assert int(out.steps) == lengths.max() < config.max_new_tokens
+  return lengths
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_early_stop_equals_all_steps_cut_at_eos(greedy):
+  # EOS is likely after most tokens, so rows end at different steps, all
+  # well before N.
+  params = _markov_params(3, v=6, scale=1.0)
+  params["table"] = params["table"].at[:, 2].add(1.0)
+  batch = {"input_tokens": jnp.asarray(np.random.default_rng(0).integers(0, 6, (16, 3))),
+           "input_mask": jnp.ones((16, 3), jnp.int32)}
+  config = sampling.SampleConfig(max_new_tokens=40, greedy=greedy, return_logprobs=True)
+  lengths = _check_early_stop(MarkovModel(6, eos_id=2), params, batch, jax.random.key(5), config)
+  assert len(set(lengths)) > 1
 
 
 # ------------------------------------------------------------- beam search
@@ -485,6 +480,24 @@ def test_llama_eos_stops_each_row(llama_eos):
   np.testing.assert_array_equal(out.tokens, tokens)
   np.testing.assert_array_equal(out.mask, mask)
   assert 1 < out.mask.sum(axis=1).min() < 6  # a row stopped mid-way
+
+
+@pytest.mark.parametrize("greedy,segments", [(True, 4), (True, 1), (False, 4)])
+def test_llama_early_stop_equals_all_steps_cut_at_eos(llama, greedy, segments):
+  # A Llama biased to emit EOS: its logit is 30 * (one normed hidden unit), so
+  # these rows end at different steps, within cache segments and across them.
+  model, params = llama
+  eos = 3
+  kernel = params["lm_head"]["kernel"].at[0].set(0.0).at[0, eos].set(0.3)
+  scale = params["final_norm"]["scale"].at[0].set(100.0)
+  params = {**params, "lm_head": {"kernel": kernel}, "final_norm": {"scale": scale}}
+  model = decoder.DecoderModel(dataclasses.replace(LLAMA, eos_id=eos))
+  batch = _left_padded([5, 2, 4, 3, 1, 5, 2, 4], 5, LLAMA.vocab_size, seed=0)
+  batch = jax.tree.map(lambda x: x[np.array([0, 2, 4, 5, 6, 7])], batch)  # rows that end
+  config = sampling.SampleConfig(max_new_tokens=16, greedy=greedy, return_logprobs=True,
+                                 cache_segments=segments)
+  lengths = _check_early_stop(model, params, batch, jax.random.key(1), config)
+  assert len(set(lengths)) > 1 and lengths.max() > 4  # not all in the first segment
 
 
 @pytest.mark.parametrize("tau", [0.5, 1.0, 2.0])

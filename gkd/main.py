@@ -164,7 +164,8 @@ def report(results: dict) -> str:
     lines.append(f"trained {train['steps']} steps" + (
         f" (on-policy fraction {train['on_policy_fraction']:.2f}, {rate:.0f} target tokens/s)"
         if rate else ""))
-  for tag in ("eval", "teacher_eval"):
+  tags = ["eval", "teacher_eval"] + sorted(k for k in results if k.startswith("teacher_eval_"))
+  for tag in tags:
     if tag in results:
       seen = results.get("eval_examples", {})
       count = seen.get("count")
@@ -174,7 +175,8 @@ def report(results: dict) -> str:
         cap = results["config"]["eval"]["max_examples"]
         which = (f"the first {count} examples of {seen.get('split')!r} (capped by "
                  f"gkd.train.EvalConfig.max_examples = {cap})")
-      who = "teacher" if tag == "teacher_eval" else "student"
+      who = {"eval": "student", "teacher_eval": "teacher"}.get(
+          tag, f"teacher {tag[len('teacher_eval_'):]}")
       lines.append(f"{who} at step {results.get('step')} on {which}: "
                    f"{_format_metrics(results[tag])}")
   lines.append(f"results: {os.path.join(results['model_dir'], 'results.json')}")

@@ -52,6 +52,8 @@ EXPECTED_METHODS = {
     "gkd_jsd_0_1": ("gkd", "jsd", {"beta": 0.1}, 1.0, False, True),
     "gkd_jsd_0_5": ("gkd", "jsd", {"beta": 0.5}, 1.0, False, True),
     "gkd_jsd_0_9": ("gkd", "jsd", {"beta": 0.9}, 1.0, False, True),
+    "gkd_reverse_kl_top_k": ("gkd", "reverse_kl", {}, 1.0, False, True),
+    "opd": ("opd", None, None, 1.0, False, True),
 }
 
 

@@ -25,7 +25,7 @@ import shutil
 import signal
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import gin
 import jax
@@ -38,8 +38,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 from gkd import models, partitioning, tasks
 from gkd.errors import RunStopped, UserError
 from gkd.models import registry
+from gkd.tasks import alignment, pipeline
 from gkd.train import checkpoints, evaluation, optimizer, rewards, step as step_lib
+from gkd.train import teachers as teachers_lib
 from gkd.train.sources import ModelSource
+from gkd.train.teachers import Teachers
 
 MODES = ("train", "eval", "train_and_eval")
 
@@ -70,11 +73,15 @@ class Setup:
   student: Any
   params: Any
   param_shardings: Any
-  teacher: Any
-  teacher_params: Any
+  teacher: Any  # a Model, or a tuple of them (several teachers), or None
+  teacher_params: Any  # likewise: params or a tuple of params
   teacher_shardings: Any
   iterator: Any
   fingerprint: dict
+  batch_shardings: Any = None  # {batch key: NamedSharding}
+  teacher_names: tuple = ()  # one per teacher model
+  combination: Any = None  # teachers.Combination
+  aligner: Any = None  # alignment.Aligner of a teacher with another tokenizer
   eval_config: Any = None  # evaluation.EvalConfig, built once per run
   writers: dict = dataclasses.field(default_factory=dict)  # tag -> _Writer
 
@@ -85,27 +92,82 @@ class Setup:
     return self.writers[tag]
 
 
-def _global_batch(local: dict, sharding) -> dict:
-  """This process's rows -> global arrays sharded over the batch axes."""
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+def _global_batch(local: dict, shardings: dict) -> dict:
+  """This process's rows -> global arrays sharded over the batch axes (one sharding per key)."""
+  return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
           for k, v in local.items()}
 
 
-def _check_models(student, teacher, vocab) -> None:
-  if teacher is not None and teacher.vocab_size != student.vocab_size:
-    raise UserError(f"teacher and student vocabularies differ ({teacher.vocab_size} vs "
-                    f"{student.vocab_size} ids); distil between models that share one "
-                    "tokenizer and vocabulary size")
-  size = vocab.vocab_size
-  for role, model in (("student", student), ("teacher", teacher)):
-    if model is None:
-      continue
-    if model.vocab_size < size:
-      raise UserError(f"the {role} has {model.vocab_size} output ids but the task's vocabulary "
-                      f"has {size}; use a model whose vocab_size is at least {size}")
-    if model.eos_id != vocab.eos_id:
-      raise UserError(f"the {role}'s eos_id is {model.eos_id} but the vocabulary's is "
-                      f"{vocab.eos_id}; set the model config's eos_id = {vocab.eos_id}")
+def _batch_shardings(mesh, rules, example: dict) -> dict:
+  """Each batch key sharded over its leading (batch) axis: [B, L] arrays and the int32[B] route."""
+  return {k: partitioning.logical_sharding(mesh, rules, "activation_batch",
+                                           *([None] * (np.ndim(v) - 1)))
+          for k, v in example.items()}
+
+
+def _check_model(role: str, model, vocab, what: str = "the task's vocabulary") -> None:
+  if model.vocab_size < vocab.vocab_size:
+    raise UserError(f"the {role} has {model.vocab_size} output ids but {what} has "
+                    f"{vocab.vocab_size}; use a model whose vocab_size is at least "
+                    f"{vocab.vocab_size}")
+  if model.eos_id != vocab.eos_id:
+    raise UserError(f"the {role}'s eos_id is {model.eos_id} but {what}'s is "
+                    f"{vocab.eos_id}; set the model config's eos_id = {vocab.eos_id}")
+
+
+def _check_models(student, teachers: dict, vocab, cross: bool) -> None:
+  """teachers: {name: (model, ModelSource)}; `cross`: Method.cross_tokenizer is set."""
+  for name, (model, source) in teachers.items():
+    role = "teacher" if name == "teacher" else f"teacher {name!r}"
+    if cross:
+      _check_model(role, model, source.vocabulary, "its ModelSource.vocabulary")
+    elif model.vocab_size != student.vocab_size:
+      raise UserError(f"{role} and student vocabularies differ ({model.vocab_size} vs "
+                      f"{student.vocab_size} ids); distil between models that share one "
+                      "tokenizer and vocabulary size, or set Method.cross_tokenizer")
+    else:
+      _check_model(role, model, vocab)
+  _check_model("student", student, vocab)
+
+
+def _named_teachers(teacher: Union[None, ModelSource, Teachers], method) -> dict:
+  """{name: ModelSource} of the configured teachers ('teacher' for a single one)."""
+  if teacher is None or not method.needs_teacher:
+    return {}
+  if isinstance(teacher, Teachers):
+    return dict(teacher.sources)
+  if not isinstance(teacher, ModelSource):
+    raise UserError("train.teacher must be a gkd.train.ModelSource or gkd.train.Teachers; got "
+                    f"{type(teacher).__name__}")
+  return {"teacher": teacher}
+
+
+def _check_sources(sources: dict, method) -> None:
+  for name, source in sources.items():
+    if not isinstance(source, ModelSource):
+      raise UserError(f"teacher {name!r} must be a gkd.train.ModelSource; got "
+                      f"{type(source).__name__}")
+    if (source.vocabulary is not None) != (method.cross_tokenizer is not None):
+      raise UserError("a teacher with its own ModelSource.vocabulary needs "
+                      "Method.cross_tokenizer, and Method.cross_tokenizer needs the teacher's "
+                      "ModelSource.vocabulary; set both or neither")
+  if method.cross_tokenizer is not None and len(sources) != 1:
+    raise UserError(f"cross-tokenizer distillation takes exactly one teacher; got "
+                    f"{len(sources)}")
+
+
+def _routes(teacher, task, split: str) -> Optional[dict]:
+  """Route name -> teacher index for routed teachers (every route of the split checked)."""
+  if not isinstance(teacher, Teachers) or teacher.combine != "route":
+    return None
+  routes = teacher.routes()
+  unknown = sorted(pipeline.routes_of(task, split) - set(routes))
+  if unknown:
+    what = f"route {unknown[0]!r}" if unknown[0] else "no route"
+    raise UserError(f"the {split} split has examples with {what}, which names no configured "
+                    f"teacher {sorted(routes)}; give every example one of those routes or add "
+                    "that teacher to Teachers.sources")
+  return routes
 
 
 _UNSET = "<unset>"
@@ -163,7 +225,7 @@ def _check_model_dir(model_dir: str, fingerprint: dict) -> None:
                       "or configure the same model and task to resume it")
 
 
-def setup(model_dir: str, student: ModelSource, teacher: Optional[ModelSource],
+def setup(model_dir: str, student: ModelSource, teacher: Union[None, ModelSource, Teachers],
           method: step_lib.Method, seed: int) -> Setup:
   """Builds mesh, data, student and teacher; raises UserError on any bad input."""
   if not model_dir or not isinstance(model_dir, str):  # unset: Gin passes its REQUIRED object
@@ -172,8 +234,10 @@ def setup(model_dir: str, student: ModelSource, teacher: Optional[ModelSource],
     raise UserError(f"MODEL_DIR {model_dir} is a file, not a directory; choose a new path")
   _check_writable(model_dir)
   if method.needs_teacher and teacher is None:
-    raise UserError("the gkd objective needs a teacher; bind `train.teacher = "
+    raise UserError(f"the {method.objective} objective needs a teacher; bind `train.teacher = "
                     "@teacher/gkd.train.ModelSource()` or use objective='sft'")
+  sources = _named_teachers(teacher, method)
+  _check_sources(sources, method)
   data = dict(tasks.data_config())
   mesh, rules = Parallelism().mesh_and_rules()
   vocab = tasks.get_vocabulary()
@@ -181,27 +245,47 @@ def setup(model_dir: str, student: ModelSource, teacher: Optional[ModelSource],
   warning = tasks.check_unknown_tokens(task, data["train_split"])  # refuses too many unks
   if warning and jax.process_index() == 0:
     print(f"gkd: warning: {warning}", file=sys.stderr, flush=True)
+  routes = _routes(teacher, task, data["train_split"]) if sources else None
   iterator = tasks.batch_iterator(
       task, data["train_split"], input_length=data["input_length"],
       target_length=data["target_length"], batch_size=data["batch_size"], seed=seed,
-      shard_index=jax.process_index(), num_shards=jax.process_count())
+      shard_index=jax.process_index(), num_shards=jax.process_count(), routes=routes)
   example = next(tasks.batch_iterator(  # reads the data now: a broken file fails here
       task, data["train_split"], input_length=data["input_length"],
-      target_length=data["target_length"], batch_size=data["batch_size"], seed=seed))
+      target_length=data["target_length"], batch_size=data["batch_size"], seed=seed,
+      routes=routes))
   k_student, k_teacher = jax.random.split(jax.random.PRNGKey(seed))
   student_model, params, param_sh = student.load(k_student, example, mesh, rules)
-  teacher_model = teacher_params = teacher_sh = None
-  if method.needs_teacher:
-    teacher_model, teacher_params, teacher_sh = teacher.load(k_teacher, example, mesh, rules)
-  _check_models(student_model, teacher_model, tasks.vocabulary_of(task))
+  loaded = {}
+  for i, (name, source) in enumerate(sources.items()):
+    key = k_teacher if len(sources) == 1 else jax.random.fold_in(k_teacher, i)
+    loaded[name] = (*source.load(key, example, mesh, rules), source)
+  _check_models(student_model, {n: (v[0], v[3]) for n, v in loaded.items()},
+                tasks.vocabulary_of(task), method.cross_tokenizer is not None)
+  aligner = None
+  if method.cross_tokenizer is not None:
+    (source,) = sources.values()
+    aligner = alignment.Aligner(
+        tasks.vocabulary_of(task), source.vocabulary,
+        input_length=source.input_length or data["input_length"],
+        target_length=source.target_length or data["target_length"])
+  combination = teachers_lib.Combination()
+  if isinstance(teacher, Teachers) and sources:
+    combination = teachers_lib.Combination(teacher.combine, teacher.mixture_weights())
+  several = isinstance(teacher, Teachers)
+  pick = lambda j: tuple(v[j] for v in loaded.values()) if several else (
+      loaded["teacher"][j] if loaded else None)
   # remat changes how the backward pass runs, not the model: a restart may change it.
   student_config = {k: v for k, v in registry.config_to_dict(student_model.config).items()
                     if k != "remat"}
+  described = {n: v[3].describe() for n, v in loaded.items()}
   fingerprint = dict(student=student_config, task=data["name"],
-                     teacher=teacher.describe() if teacher_model else None)
+                     teacher=(described if several else described.get("teacher")))
   _check_model_dir(model_dir, fingerprint)
-  return Setup(model_dir, data, mesh, rules, student_model, params, param_sh, teacher_model,
-               teacher_params, teacher_sh, iterator, fingerprint)
+  return Setup(model_dir, data, mesh, rules, student_model, params, param_sh, pick(0), pick(1),
+               pick(2), iterator, fingerprint,
+               batch_shardings=_batch_shardings(mesh, rules, example),
+               teacher_names=tuple(loaded), combination=combination, aligner=aligner)
 
 
 def _init_state(s: Setup, tx, seed: int):
@@ -276,6 +360,23 @@ def _data_state(s: Setup, summary: dict) -> dict:
   return dict(s.iterator.state(), **{SUMMARY_KEY: dict(summary)})
 
 
+def _audited(method, metrics: dict, step: int) -> bool:
+  """Keeps the audit metrics only on audit steps; warns when the top-k keeps too little mass."""
+  audited = bool(metrics.pop("audit", 0.0))
+  if not audited:
+    for key in [k for k in metrics if k.startswith("audit_")]:
+      del metrics[key]
+    return False
+  kept = metrics.get("audit_kept_mass")
+  if kept is not None and kept < method.audit_min_kept_mass and jax.process_index() == 0:
+    print(f"gkd: warning: step {step + 1}: the teacher's top-{method.divergence.teacher_top_k} "
+          f"keeps {kept:.3f} of its probability mass (< audit_min_kept_mass "
+          f"{method.audit_min_kept_mass}); the top-k loss is far from the exact divergence "
+          f"{metrics['audit_exact_divergence']:.4f}: raise teacher_top_k",
+          file=sys.stderr, flush=True)
+  return True
+
+
 def _train(s: Setup, method, num_steps: int, seed: int, log_every: int, eval_every: int,
            ckpt: checkpoints.Checkpointer) -> tuple[Any, dict]:
   tx = optimizer.optimizer()
@@ -288,11 +389,12 @@ def _train(s: Setup, method, num_steps: int, seed: int, log_every: int, eval_eve
     s.iterator.restore(data_state)
     summary.update(data_state.get(SUMMARY_KEY, {}))
   start = start or 0
-  batch_sh = partitioning.logical_sharding(s.mesh, s.rules, "activation_batch", None)
+  batch_sh = s.batch_shardings
   reward = None
   if method.rl_alpha < 1.0:
     reward = rewards.task_reward(tasks.get_task(s.data["name"], tasks.get_vocabulary()))
-  step_fn = step_lib.make_train_step(s.student, s.teacher, tx, method, reward)
+  step_fn = step_lib.make_train_step(s.student, s.teacher, tx, method, reward,
+                                     combination=s.combination, aligner=s.aligner)
   with partitioning.activation_sharding(s.mesh, s.rules):
     train_step = jax.jit(step_fn, in_shardings=(state_sh, s.teacher_shardings, batch_sh),
                          out_shardings=(state_sh, None), donate_argnums=(0,))
@@ -320,7 +422,8 @@ def _train(s: Setup, method, num_steps: int, seed: int, log_every: int, eval_eve
       summary["seconds"] += seconds
     metrics["on_policy_fraction"] = summary["on_policy_steps"] / summary["steps"]
     metrics["tokens_per_sec"] = float(metrics["target_tokens"]) / max(seconds, 1e-9)
-    if step % log_every == 0 or step == num_steps - 1:
+    audited = _audited(method, metrics, step)
+    if step % log_every == 0 or step == num_steps - 1 or audited:
       writer.scalars(step + 1, metrics)
       bar.set_postfix(loss=f"{metrics['loss']:.4f}", on_policy=f"{metrics['on_policy_fraction']:.2f}")
     eval_metrics = None
@@ -351,7 +454,8 @@ def _export(path: str, model, params) -> None:
 
 @gin.configurable(module="gkd.train")
 def train(mode: str = "train", *, model_dir: str = gin.REQUIRED,
-          student: ModelSource = gin.REQUIRED, teacher: Optional[ModelSource] = None,
+          student: ModelSource = gin.REQUIRED,
+          teacher: Union[None, ModelSource, Teachers] = None,
           method: Optional[step_lib.Method] = None, num_steps: int = 100, seed: int = 0,
           log_every: int = 10, eval_every: int = 0) -> dict:
   """Runs `mode` ('train', 'eval' or 'train_and_eval'); returns results.json's content."""
@@ -406,9 +510,14 @@ def train(mode: str = "train", *, model_dir: str = gin.REQUIRED,
       results["eval"] = evaluated.metrics
       results["eval_examples"] = dict(split=s.data["eval_split"], count=len(evaluated.examples),
                                       whole_split=evaluated.whole_split)
-      if eval_config.evaluate_teacher and s.teacher is not None:
-        results["teacher_eval"] = _evaluate(s, s.teacher, s.teacher_params, "teacher_eval",
-                                            step).metrics
+      if eval_config.evaluate_teacher and s.teacher is not None and s.aligner is None:
+        if isinstance(s.teacher, tuple):  # several teachers: teacher_eval_<name>
+          for name, model, tp in zip(s.teacher_names, s.teacher, s.teacher_params):
+            tag = f"teacher_eval_{name}"
+            results[tag] = _evaluate(s, model, tp, tag, step).metrics
+        else:
+          results["teacher_eval"] = _evaluate(s, s.teacher, s.teacher_params, "teacher_eval",
+                                              step).metrics
     _write_json(os.path.join(model_dir, "results.json"), results)
     if jax.process_index() == 0:
       with open(os.path.join(model_dir, "config.gin"), "w") as f:

@@ -35,6 +35,11 @@ class ModelSource:
     remat: activation rematerialisation of each block in the student's
       backward pass: 'none', 'full' or 'dots' (gkd.models.layers.REMAT_POLICIES);
       unset keeps the model config's (default 'none').
+    vocabulary: a teacher's own tokenizer (a `seqio.Vocabulary`, e.g.
+      `@teacher/tasks.get_vocabulary()`) when it differs from the student's
+      (`Method.cross_tokenizer`); None: the task's.
+    input_length, target_length: that teacher's prompt and target lengths in
+      its own tokens (default: the task's).
   """
 
   config: Any = None
@@ -43,6 +48,9 @@ class ModelSource:
   dtype: Optional[str] = None
   param_dtype: Optional[str] = None
   remat: Optional[str] = None
+  vocabulary: Any = None
+  input_length: Optional[int] = None
+  target_length: Optional[int] = None
 
   def __post_init__(self):
     if self.remat is not None:

@@ -39,7 +39,11 @@ def _batch(seed=0, b=6, i=5, o=4, vocab=VOCAB):
 
 
 def _params(model, batch, seed):
-  return partitioning.strip_boxes(model.init(jax.random.PRNGKey(seed), batch))
+  return partitioning.strip_boxes(jax.jit(model.init)(jax.random.PRNGKey(seed), batch))
+
+
+def _logits(model, params, batch):
+  return jax.jit(model.logits)(params, batch)
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +61,18 @@ def _state(params, tx):
                     rng=jax.random.PRNGKey(7))
 
 
+_STEPS = {}
+
+
 def _run(m, method, teachers=None, teacher_params=None, batch=None, steps=1, **kw):
   """(states after each step, metrics of each step) of a jitted step with SGD."""
   tx = optax.sgd(LR)
   teachers = m["teachers"][0] if teachers is None else teachers
   teacher_params = m["teacher_params"][0] if teacher_params is None else teacher_params
-  step = jax.jit(make_train_step(m["student"], teachers, tx, method, **kw))
+  key = (repr(method), id(m["student"]), id(teachers), repr(sorted(kw.items())))
+  if key not in _STEPS:  # one compile per (method, teachers, options) in this module
+    _STEPS[key] = jax.jit(make_train_step(m["student"], teachers, tx, method, **kw))
+  step = _STEPS[key]
   state, out = _state(m["params"], tx), []
   for _ in range(steps):
     state, metrics = step(state, teacher_params, batch if batch is not None else m["batch"])
@@ -102,7 +112,7 @@ def test_opd_step_gradient_is_the_hand_computed_policy_gradient(models, estimato
   ((new, metrics),) = _run(m, method)
   batch, samples = _samples(m, method)
   tokens, mask = batch["target_tokens"], batch["target_mask"]
-  logp = _logq(m["teachers"][0].logits(m["teacher_params"][0], batch), tokens)
+  logp = _logq(_logits(m["teachers"][0], m["teacher_params"][0], batch), tokens)
 
   def reference(params):  # −Σ_t w_t·A_t·log q(y_t), A_t = log p − log q, per-sequence mean
     logq = _logq(m["student"].logits(params, batch), tokens)
@@ -116,7 +126,7 @@ def test_opd_step_gradient_is_the_hand_computed_policy_gradient(models, estimato
     has = jnp.sum(mask, -1) > 0
     return jnp.sum(per * has) / jnp.sum(has), jnp.sum(value * has) / jnp.sum(has)
 
-  (_, value), grads = jax.value_and_grad(reference, has_aux=True)(m["params"])
+  (_, value), grads = jax.jit(jax.value_and_grad(reference, has_aux=True))(m["params"])
   np.testing.assert_allclose(metrics["loss"], value, rtol=1e-5, atol=1e-6)
   want = jax.tree.map(lambda p, g: p - LR * g, m["params"], grads)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
@@ -154,8 +164,8 @@ def test_method_validation(kwargs, message):
 
 
 def _per_token(m, batch, k, divergence):
-  student = m["student"].logits(m["params"], batch)
-  teacher = m["teachers"][k].logits(m["teacher_params"][k], batch)
+  student = _logits(m["student"], m["params"], batch)
+  teacher = _logits(m["teachers"][k], m["teacher_params"][k], batch)
   return np.asarray(divergence.per_token(student, teacher))
 
 
@@ -180,9 +190,9 @@ def test_mixture_step_is_the_loss_against_the_mixed_distribution(models):
   ((_, mixed),) = _run(m, method, m["teachers"], m["teacher_params"],
                        combination=Combination("mixture", (0.25, 0.75)))
   batch = m["batch"]
-  p = [jax.nn.softmax(t.logits(tp, batch)) for t, tp in zip(m["teachers"], m["teacher_params"])]
+  p = [jax.nn.softmax(_logits(t, tp, batch)) for t, tp in zip(m["teachers"], m["teacher_params"])]
   logp = np.log(0.25 * np.asarray(p[0]) + 0.75 * np.asarray(p[1]))
-  logq = np.asarray(jax.nn.log_softmax(m["student"].logits(m["params"], batch)))
+  logq = np.asarray(jax.nn.log_softmax(_logits(m["student"], m["params"], batch)))
   values = np.sum(np.exp(logp) * (logp - logq), -1)
   np.testing.assert_allclose(mixed["loss"], _seq_mean(values, batch["target_mask"]), rtol=1e-5)
 
@@ -208,7 +218,7 @@ def test_top_k_audit_is_the_exact_divergence_and_the_kept_mass(models):
   exact = _per_token(m, batch, 0, dataclasses.replace(divergence, teacher_top_k=None))
   assert first["audit"] == 1.0 and second["audit"] == 0.0
   np.testing.assert_allclose(first["audit_exact_divergence"], _seq_mean(exact, mask), rtol=1e-5)
-  p = np.asarray(jax.nn.softmax(m["teachers"][0].logits(m["teacher_params"][0], batch) / 2.0))
+  p = np.asarray(jax.nn.softmax(_logits(m["teachers"][0], m["teacher_params"][0], batch) / 2.0))
   kept = np.sort(p, -1)[..., -4:].sum(-1)
   np.testing.assert_allclose(first["audit_kept_mass"], (kept * mask).sum() / mask.sum(),
                              rtol=1e-5)
@@ -256,13 +266,12 @@ def test_cross_tokenizer_step_is_the_loss_applied_by_hand(cross, mode):
   ((new, metrics),) = _run(m, method, aligner=m["aligner"])
   a, batch = m["alignment"], m["batch"]
   assert a.span_mask.sum() > 0
-  teacher_logits = m["teachers"][0].logits(m["teacher_params"][0],
-                                           {k: jnp.asarray(v) for k, v in
-                                            a.teacher_batch().items()})
+  teacher_logits = _logits(m["teachers"][0], m["teacher_params"][0],
+                           {k: jnp.asarray(v) for k, v in a.teacher_batch().items()})
   a = alignment.Alignment(*(jnp.asarray(x) for x in a))
-  value, grads = jax.value_and_grad(lambda p: loss(
+  value, grads = jax.jit(jax.value_and_grad(lambda p: loss(
       m["student"].logits(p, batch), teacher_logits, batch["target_tokens"],
-      batch["target_mask"], a))(m["params"])
+      batch["target_mask"], a)))(m["params"])
   np.testing.assert_allclose(metrics["loss"], value, rtol=1e-5, atol=1e-7)
   want = jax.tree.map(lambda p, g: p - LR * g, m["params"], grads)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),

@@ -164,7 +164,10 @@ def is_estimated(method) -> bool:
 def exact_divergence(method) -> losses.Divergence:
   """The full-vocabulary divergence an estimated loss stands for."""
   if method.objective == "opd":  # OPD estimates KL(q ‖ p) at temperature 1
-    return losses.Divergence("reverse_kl", reduction=method.divergence.reduction)
+    # Every field given: Divergence is Gin-configurable, and the run's bindings are not this one's.
+    return losses.Divergence("reverse_kl", params={}, temperature=1.0,
+                             reduction=method.divergence.reduction, chunk_size=None,
+                             chunk_elements=None, teacher_top_k=None)
   return dataclasses.replace(method.divergence, teacher_top_k=None)
 
 

@@ -177,3 +177,13 @@ def test_decode_tables():
   assert n == 8 and 1 <= steps <= 8
   assert "greedy tokens identical to HF: batch 2 100.0%, batch 3 100.0%" in stdout
   assert "cut at EOS: True" in stdout
+
+
+@pytest.mark.slow
+def test_methods_table():
+  rows = _run("methods.py", "--batch", "2", "--input_len", "4", "--target_len", "4",
+              "--width", "16", "--layers", "1", "--vocab", "64", "--repeats", "1")
+  body = [_cells(r) for r in rows[2:]]
+  assert [r[0] for r in body] == ["teachers"] * 4 + ["on-policy"] * 2 + ["cross-tokenizer"] * 2
+  assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in body)
+  assert "% of the step" in body[-1][4]

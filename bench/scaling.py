@@ -55,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--remats", default="none,full,dots", help="fused rows with these ('' skips)")
   p.add_argument("--time", default="headline",
                  help="comma-separated row kinds whose steps are also timed ('' for none)")
+  p.add_argument("--chunk_elements", type=int, default=None,
+                 help="the fused path's token × vocab budget per chunk (default: "
+                      "gkd.losses.fused.DEFAULT_CHUNK_ELEMENTS)")
   p.add_argument("--reps", type=int, default=3)
   loadguard.add_flags(p)
   args = p.parse_args(argv)
@@ -69,8 +72,9 @@ def _ints(text: str) -> list[int]:
 def measure(args, path: str, timed: bool, **method) -> tuple[float, float]:
   """(step temp bytes, median step seconds or NaN) for one configuration."""
   (student, params), (teacher, teacher_params) = common.init_models(args)
+  chunking = {} if args.chunk_elements is None else dict(chunk_elements=args.chunk_elements)
   step, state, batch = common.gkd_step(args, student, params, teacher, teacher_params, 0.0,
-                                       loss_path=path, **method)
+                                       chunking=chunking, loss_path=path, **method)
   compiled = step.lower(state, teacher_params, batch).compile()
   temp = compiled.memory_analysis().temp_size_in_bytes
   if not timed:

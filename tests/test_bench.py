@@ -141,7 +141,8 @@ def test_roofline_table():
 def test_scaling_table():
   rows = _run("scaling.py", "--shape", "tiny", "--vocab", "4096", "--batch", "2",
               "--prompt_len", "4", "--new_tokens", "32", "--vocabs", "1024,4096",
-              "--lengths", "16", "--microbatches", "2", "--remats", "full", "--reps", "1")
+              "--lengths", "16", "--microbatches", "2", "--remats", "full", "--reps", "1",
+              "--chunk_elements", "8192")
   body = [_cells(r) for r in rows[2:]]
   assert [(r[0], r[3], r[4]) for r in body] == [
       ("headline", "4096", "fused"), ("headline", "4096", "plain"),

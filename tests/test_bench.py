@@ -139,10 +139,11 @@ def test_roofline_table():
 
 @pytest.mark.slow
 def test_scaling_table():
-  rows = _run("scaling.py", "--shape", "tiny", "--vocab", "4096", "--batch", "2",
-              "--prompt_len", "4", "--new_tokens", "32", "--vocabs", "1024,4096",
-              "--lengths", "16", "--microbatches", "2", "--remats", "full", "--reps", "1",
-              "--chunk_elements", "8192")
+  # 512 target tokens: the logits, not the tiny weights, dominate the plain step's memory.
+  rows = _run("scaling.py", "--shape", "tiny", "--vocab", "4096", "--batch", "4",
+              "--prompt_len", "4", "--new_tokens", "128", "--vocabs", "1024,4096",
+              "--lengths", "64", "--microbatches", "2", "--remats", "full", "--reps", "1",
+              "--chunk_elements", "65536")
   body = [_cells(r) for r in rows[2:]]
   assert [(r[0], r[3], r[4]) for r in body] == [
       ("headline", "4096", "fused"), ("headline", "4096", "plain"),
@@ -152,7 +153,7 @@ def test_scaling_table():
       ("microbatches", "4096", "fused"), ("remat", "4096", "fused")]
   temp_ratio = {(r[0], r[3], r[4]): float(r[8]) for r in body}
   assert temp_ratio["headline", "4096", "plain"] == 1.0
-  assert temp_ratio["headline", "4096", "fused"] < 0.5  # no [B, N, V] logits
+  assert temp_ratio["headline", "4096", "fused"] < 0.5  # no [B, N, V] logits (measured 0.36)
   assert float(body[0][10]) > 0 and body[2][10] == "-"  # only the headline is timed
 
 

@@ -73,12 +73,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
-def decoder_config(shape: tuple, vocab: int, dtype: str = "float32"):
+def decoder_config(shape: tuple, vocab: int, dtype: str = "float32", remat: str = "none"):
   from gkd.models import DecoderConfig
   layers, width, heads, kv_heads, mlp = shape
   return DecoderConfig(vocab_size=vocab, embed_dim=width, mlp_dim=mlp, num_layers=layers,
                        num_heads=heads, num_kv_heads=kv_heads, head_dim=width // heads,
-                       tie_embeddings=False, dtype=dtype, max_len=2048)
+                       tie_embeddings=False, dtype=dtype, max_len=2048, remat=remat)
 
 
 def batch_arrays(args) -> dict:
@@ -99,7 +99,8 @@ def init_models(args, dtype: str = "float32") -> list:
   batch = {k: jax.numpy.asarray(v) for k, v in batch_arrays(args).items()}
   out = []
   for seed, shape in enumerate(SHAPES[args.shape]):
-    model = build_model(decoder_config(shape, args.vocab, dtype=dtype))
+    remat = getattr(args, "remat", "none") if seed == 0 else "none"  # the student's
+    model = build_model(decoder_config(shape, args.vocab, dtype=dtype, remat=remat))
     out.append((model, partitioning.strip_boxes(model.init(jax.random.PRNGKey(seed), batch))))
   return out
 
@@ -115,10 +116,11 @@ def export_models(args, path: str) -> None:
 
 
 def gkd_step(args, student, params, teacher, teacher_params, lmbda: float,
-             chunking: dict | None = None):
+             chunking: dict | None = None, **method):
   """(jitted step, initial TrainState, batch) for our GKD step with JSD(β), AdamW, clip 1.
 
-  `chunking`: the divergence's `chunk_size` or `chunk_elements` (default: plain).
+  `chunking`: the divergence's `chunk_size` or `chunk_elements`; `method`: more
+  `Method` fields (`loss_path`, `microbatches`; default: the defaults).
 
   The student's EOS is disabled, so samples always have `new_tokens` tokens.
   """
@@ -133,7 +135,7 @@ def gkd_step(args, student, params, teacher, teacher_params, lmbda: float,
   divergence = losses.Divergence("jsd", {"beta": args.beta}, reduction="token",
                                  **(chunking or {}))
   method = Method(divergence=divergence, lmbda=lmbda,
-                  sampler=sampling.SampleConfig(temperature=args.temperature))
+                  sampler=sampling.SampleConfig(temperature=args.temperature), **method)
   step = jax.jit(make_train_step(student, teacher, tx, method), donate_argnums=0)
   batch = {k: jnp.asarray(v) for k, v in batch_arrays(args).items()}
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params,

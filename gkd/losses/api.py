@@ -108,25 +108,35 @@ def _token_fn(name: str, params: dict[str, float], temperature: float, top_k: Op
   return token_fn
 
 
-def _atkd_combine(parts, mask: Array, alpha: float, hard_fraction: float) -> Array:
-  """ATKD's per-token values whose valid-token mean is α·L_easy + (1−α)·L_hard.
+def atkd_split(uncertainty: Array, mask: Array, hard_fraction: float
+               ) -> tuple[Array, Array, Array, Array]:
+  """ATKD's batch-wide hard/easy split of the valid tokens.
 
   Hard tokens have teacher uncertainty 1 − p(g) at or above the batch's
-  (1 − hard_fraction) quantile over valid tokens (the median for 50%). As in
-  the official code the (1 − p(g)) factor on the diversity term is dropped.
+  (1 − hard_fraction) quantile over valid tokens (the median for 50%).
+
+  Returns:
+    (hard, easy) bool like `mask`, and the scalars (n / n_hard, n / n_easy),
+    so that a valid-token mean of the values weighs each group as a mean.
   """
-  tkd, dkd, unc = parts
   valid = mask > 0
-  unc = jax.lax.stop_gradient(unc)
+  unc = jax.lax.stop_gradient(uncertainty)
   cut = jnp.nanquantile(jnp.where(valid, unc, jnp.nan), 1.0 - hard_fraction)
   hard = valid & (unc >= cut)
   easy = valid & ~hard
   n = jnp.sum(valid)
-  scale_hard = n / jnp.maximum(jnp.sum(hard), 1)
-  scale_easy = n / jnp.maximum(jnp.sum(easy), 1)
-  values = jnp.where(hard, (1.0 - alpha) * scale_hard * (tkd + dkd),
-                     alpha * scale_easy * dkd)
-  return jnp.where(valid, values, 0.0)
+  return (hard, easy, n / jnp.maximum(jnp.sum(hard), 1), n / jnp.maximum(jnp.sum(easy), 1))
+
+
+def atkd_values(tkd: Array, dkd: Array, split, alpha: float) -> Array:
+  """ATKD's per-token values whose valid-token mean is α·L_easy + (1−α)·L_hard.
+
+  `split` is `atkd_split`'s. As in the official code the (1 − p(g)) factor on
+  the diversity term is dropped.
+  """
+  hard, easy, scale_hard, scale_easy = split
+  values = jnp.where(hard, (1.0 - alpha) * scale_hard * (tkd + dkd), alpha * scale_easy * dkd)
+  return jnp.where(hard | easy, values, 0.0)
 
 
 def per_token(name: str, student_logits: Array, teacher_logits: Array, *,
@@ -185,8 +195,9 @@ def per_token(name: str, student_logits: Array, teacher_logits: Array, *,
     out = chunked_map(fn, student, tuple(constants), chunk_size)
   if name == "atkd":
     valid = jnp.ones(lead, jnp.float32) if mask is None else mask
-    out = _atkd_combine([o.reshape(lead) for o in out], valid,
-                        checked["alpha"], checked["hard_fraction"])
+    tkd, dkd, unc = (o.reshape(lead) for o in out)
+    out = atkd_values(tkd, dkd, atkd_split(unc, valid, checked["hard_fraction"]),
+                      checked["alpha"])
   else:
     out = out.reshape(lead)
   # Divergences are ≥ 0; float rounding near p = q can dip below by ~1e-7.
@@ -210,6 +221,28 @@ def reduce(values: Array, mask: Array, mode: str = "sequence") -> Array:
   per_seq = jnp.sum(values, axis=-1) / jnp.maximum(count, 1.0)
   has = (count > 0).astype(jnp.float32)
   return jnp.sum(per_seq * has) / jnp.maximum(jnp.sum(has), 1.0)
+
+
+def reduction_weights(mask: Array, mode: str = "sequence") -> Array:
+  """float32 weights `[batch, length]` with Σ w·values = `reduce(values, mask, mode)`.
+
+  They depend on the whole batch's mask only, so a loss split into token
+  chunks or microbatches and summed with them has the batch's denominators
+  (not each part's).
+  """
+  if mode not in REDUCTIONS:
+    raise UserError(f"unknown reduction {mode!r}; choose one of {', '.join(REDUCTIONS)}")
+  mask = jnp.where(mask > 0, mask.astype(jnp.float32), 0.0)
+  if mode == "token":
+    return mask / jnp.maximum(jnp.sum(mask), 1.0)
+  count = jnp.sum(mask, axis=-1, keepdims=True)
+  has = (count > 0).astype(jnp.float32)
+  return mask / jnp.maximum(count, 1.0) * has / jnp.maximum(jnp.sum(has), 1.0)
+
+
+def weighted_sum(values: Array, weights: Array) -> Array:
+  """Σ w·values over the entries with w ≠ 0 (values there may be anything, even NaN)."""
+  return jnp.sum(jnp.where(weights != 0, values, 0.0) * weights)
 
 
 @gin.configurable(module="gkd.losses")

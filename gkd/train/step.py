@@ -35,6 +35,7 @@ from gkd import losses, sampling
 from gkd.errors import UserError
 from gkd.models.api import Batch, Model
 from gkd.tasks import pipeline
+from gkd.train import accumulate
 from gkd.train import objective as objective_lib
 from gkd.train import teachers as teachers_lib
 
@@ -45,6 +46,7 @@ Array = jax.Array
 RewardFn = Callable[[Any, Any, Any], Any]
 
 NONFINITE = ("stop", "skip")
+LOSS_PATHS = ("fused", "plain")
 
 
 @flax.struct.dataclass
@@ -85,6 +87,14 @@ class Method:
       divergence's teacher_top_k, opd) also logs the exact full-vocabulary
       divergence on the same batch and the teacher mass the top-k keeps.
     audit_min_kept_mass: a warning line when the audited kept mass is lower.
+    loss_path: "fused" (the heads applied a chunk of tokens at a time inside
+      the loss, no [B, N, V] array: `gkd/train/accumulate.py`) or "plain"
+      (full logits); the same loss and gradient. The fused path covers the
+      gkd (one teacher, one tokenizer) and sft objectives without audits;
+      other configurations run the plain path.
+    microbatches: gradient accumulation inside the compiled step: the batch
+      is split into this many microbatches whose gradients add up to the
+      whole batch's (normalised by the whole batch's token/sequence counts).
     on_nonfinite: "stop" the run or "skip" the step on a non-finite loss.
     inject_nan_at_step: test hook: the loss at this step is NaN.
   """
@@ -100,6 +110,8 @@ class Method:
   cross_tokenizer: Optional[losses.CrossTokenizerLoss] = None
   audit_every: int = 0
   audit_min_kept_mass: float = 0.5
+  loss_path: str = "fused"
+  microbatches: int = 1
   on_nonfinite: str = "stop"
   inject_nan_at_step: int = -1
 
@@ -116,6 +128,12 @@ class Method:
     _fraction("lmbda", self.lmbda)
     _fraction("rl_alpha", self.rl_alpha)
     _fraction("audit_min_kept_mass", self.audit_min_kept_mass)
+    if self.loss_path not in LOSS_PATHS:
+      raise UserError(f"unknown loss_path {self.loss_path!r}; choose one of "
+                      f"{', '.join(LOSS_PATHS)}")
+    if (isinstance(self.microbatches, bool) or not isinstance(self.microbatches, int)
+        or self.microbatches < 1):
+      raise UserError(f"microbatches={self.microbatches!r} must be a positive integer")
     if self.on_nonfinite not in NONFINITE:
       raise UserError(f"on_nonfinite={self.on_nonfinite!r}; choose one of "
                       f"{', '.join(NONFINITE)}")
@@ -256,6 +274,11 @@ def make_train_step(student: Model, teacher: Union[None, Model, Sequence[Model]]
   _check_teachers(method, student, teachers, combination, aligner)
   if method.rl_alpha < 1.0 and reward_fn is None:
     raise UserError("rl_alpha < 1 needs a reward function; the task supplies none")
+  by_terms = accumulate.covers(method, len(teachers), aligner is not None)
+  if method.microbatches > 1 and not by_terms:
+    raise UserError("Method.microbatches > 1 works with the gkd (one teacher, one tokenizer) "
+                    "and sft objectives without audits; set microbatches = 1")
+  by_terms = by_terms and (method.loss_path == "fused" or method.microbatches > 1)
 
   def train_step(state: TrainState, teacher_params: Any, batch: Batch):
     teacher_params = (teacher_params,) if single else tuple(teacher_params or ())
@@ -271,7 +294,7 @@ def make_train_step(student: Model, teacher: Union[None, Model, Sequence[Model]]
       alignment = aligner.in_graph(batch)
       teacher_out = jax.lax.stop_gradient(
           teachers[0].logits(teacher_params[0], alignment.teacher_batch()))
-    elif method.needs_teacher:
+    elif method.needs_teacher and not by_terms:
       teacher_out = score_teachers(teachers, teacher_params, batch, combination)
     reward = jnp.zeros(tokens.shape[:1], jnp.float32)
     if method.rl_alpha < 1.0:
@@ -287,7 +310,15 @@ def make_train_step(student: Model, teacher: Union[None, Model, Sequence[Model]]
       loss = loss + jnp.where(state.step == method.inject_nan_at_step, jnp.nan, 0.0)
       return loss, (logits, terms)
 
-    (loss, (logits, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if by_terms:
+      loss, grads, terms = accumulate.value_and_grad(
+          method, student, teachers[0] if teachers else None, state.params,
+          teacher_params[0] if teachers else None, batch, reward, on_policy)
+      loss = loss + jnp.where(state.step == method.inject_nan_at_step, jnp.nan, 0.0)
+    else:
+      (loss, (logits, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+      terms = {**terms, **_token_metrics(logits, None if alignment is not None else teacher_out,
+                                         mask)}
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.global_norm(grads)
@@ -305,7 +336,6 @@ def make_train_step(student: Model, teacher: Union[None, Model, Sequence[Model]]
         "target_tokens": jnp.sum(maskf),
         "grad_norm": grad_norm, "param_norm": optax.global_norm(state.params),
         "update_norm": optax.global_norm(updates), "finite": finite.astype(jnp.float32),
-        **_token_metrics(logits, None if alignment is not None else teacher_out, mask),
     }
     if method.audits:
       metrics.update(_audit(method, state.step, inputs(jax.lax.stop_gradient(logits))))

@@ -22,8 +22,11 @@ Columns:
   temp / first   against the sweep's first row (issue target: flat, ±15%);
   step s         median of --reps timed steps after a warm-up (rows in --time
                  only; '-' elsewhere); time / plain likewise (target ≤ 1.1×).
-Compiling needs no memory for the arrays; timing the plain path at the
-headline size needs ~3 × 2.5 GB for its logits.
+Compiling needs no memory for the arrays, but timing the plain path at the
+headline size needs more than 24 GB (each [4096, 152064] float32 array is
+2.5 GB, and its JSD step holds about nine): on a smaller machine record the
+memory table with --time "" and the times at a vocabulary the plain path fits,
+e.g. --vocab 32000 --vocabs "" --lengths "" --time headline,microbatches,remat.
 """
 
 import argparse

@@ -113,12 +113,13 @@ def _span_texts(text: bytes, offsets, spans, count):
   return out
 
 
-def _target_text(vocab, batch, r):
-  """What decoding prompt + target adds to the prompt's text (the target alone after EOS)."""
+def _target_text(vocab, batch, r, in_context=False):
+  """The target decoded alone; in_context: what decoding prompt + target adds to
+  the prompt's text (the target alone after EOS)."""
   prompt = batch["input_tokens"][r][batch["input_mask"][r] > 0].tolist()
   target = batch["target_tokens"][r][batch["target_mask"][r] > 0].tolist()
   target = target[:target.index(vocab.eos_id)] if vocab.eos_id in target else target
-  if prompt and prompt[-1] == vocab.eos_id:
+  if not in_context or (prompt and prompt[-1] == vocab.eos_id):
     return vocab.decode(target)
   return vocab.decode(prompt + target)[len(vocab.decode(prompt)):]
 
@@ -258,15 +259,30 @@ PAIRS = [("small", "big"), ("big", "small"), ("small", "sp"), ("sp", "small"),
          ("word", "big"), ("small", "byte"), ("byte", "small")]
 
 
+def test_teacher_target_is_the_tasks_target_text(vocabs):
+  """The teacher scores the target as SeqIO tokenises it alone: no joining space
+  (the word vocabulary's, SentencePiece's dummy prefix) before it, unless asked."""
+  word, byte, sp = vocabs["word"], vocabs["byte"], vocabs["sp"]
+  # A SentencePiece prompt ends with EOS (a T5 encoder input): its target reads alone anyway.
+  for student, target, joined in ((word, "3 + 4 = 7. #### 7", " 3 + 4 = 7. #### 7"),
+                                  (sp, "did Natalia sell", "did Natalia sell")):
+    batch = _batch(student, ["How many"], [target])
+    teacher_ids = lambda a: a.target_tokens[0][a.target_mask[0] > 0].tolist()
+    assert teacher_ids(_align(student, byte, batch)) == byte.encode(target) + [byte.eos_id]
+    assert teacher_ids(_align(student, byte, batch, target_in_context=True)) == byte.encode(
+        joined) + [byte.eos_id]
+
+
+@pytest.mark.parametrize("in_context", [False, True], ids=["alone", "in_context"])
 @pytest.mark.parametrize("pair", PAIRS, ids="-".join)
-def test_round_trip_and_consistent_spans(vocabs, pair):
+def test_round_trip_and_consistent_spans(vocabs, pair, in_context):
   student, teacher = vocabs[pair[0]], vocabs[pair[1]]
   sentences = (["3 + 4 = 7. #### 7", "How many clips did Natalia sell?"] if pair[0] == "word"
                else SENTENCES)
   batch = _batch(student, ["How many clips"] * len(sentences), sentences)
-  a = _align(student, teacher, batch)
+  a = _align(student, teacher, batch, target_in_context=in_context)
   for r in range(len(sentences)):
-    s_text = _target_text(student, batch, r)
+    s_text = _target_text(student, batch, r, in_context)
     t_ids = a.target_tokens[r][a.target_mask[r] > 0].tolist()
     assert t_ids[-1] == teacher.eos_id
     prompt = batch["input_tokens"][r][batch["input_mask"][r] > 0].tolist()
@@ -288,7 +304,8 @@ def test_round_trip_and_consistent_spans(vocabs, pair):
 
 @pytest.mark.parametrize("pair", [("small", "big"), ("sp", "small"), ("byte", "small"),
                                   ("word", "big"), ("big", "byte")], ids="-".join)
-def test_random_samples_keep_every_invariant(vocabs, pair):
+@pytest.mark.parametrize("in_context", [False, True], ids=["alone", "in_context"])
+def test_random_samples_keep_every_invariant(vocabs, pair, in_context):
   """Student samples of random ids (specials, unknown and padded-vocabulary ids,
   partial characters, EOS anywhere or nowhere) and a short teacher target."""
   student, teacher = vocabs[pair[0]], vocabs[pair[1]]
@@ -299,7 +316,7 @@ def test_random_samples_keep_every_invariant(vocabs, pair):
   batch["target_tokens"][:3, 5] = student.eos_id
   batch["target_mask"] = (np.arange(o_s)[None] < rng.integers(0, o_s + 1, (6, 1))).astype(
       np.int32)
-  a = _align(student, teacher, batch, target_length=12)
+  a = _align(student, teacher, batch, target_length=12, target_in_context=in_context)
   assert a.span_mask.sum() > 0
   s = a.span_mask.shape[1]
   for r in range(6):
@@ -314,7 +331,7 @@ def test_random_samples_keep_every_invariant(vocabs, pair):
     if student.eos_id in ids:  # nothing after the student's EOS is aligned
       after = np.flatnonzero(batch["target_mask"][r])[ids.index(student.eos_id) + 1:]
       assert (a.student_span[r, after] == -1).all()
-    s_text = _target_text(student, batch, r).encode()
+    s_text = _target_text(student, batch, r, in_context).encode()
     t_ids = a.target_tokens[r, :n_t].tolist()
     t_text = alignment.token_ends(teacher, [i for i in t_ids if i != teacher.eos_id])[0].encode()
     has_eos = student.eos_id in ids and n_t and t_ids[-1] == teacher.eos_id

@@ -6,12 +6,20 @@ teacher with another vocabulary, and the text spans the two tokenisations share.
     a = aligner.in_graph(batch)                     # the same through jax.pure_callback
 
 Texts. The prompt's text is `student.decode(prompt ids)`; the target's text is
-what the target's ids add to it (decoded in the prompt's context, because
-SentencePiece drops a sequence's leading space; a prompt ending with EOS is a
-T5 encoder input and its target is decoded alone). The teacher's prompt and
-target are `teacher.encode` of those texts, with the teacher's own BOS / input
-EOS conventions (`gkd.tasks.features.converter_for`), and the teacher's EOS
-appended exactly when the student's target ended with EOS.
+`student.decode(target ids)` alone: the string a SeqIO task holds, which
+tokenises inputs and targets separately (SentencePiece's dummy-prefix space
+and the word vocabulary's joining space are not part of it). The teacher's
+prompt and target are `teacher.encode` of those texts, with the teacher's own
+BOS / input EOS conventions (`gkd.tasks.features.converter_for`), and the
+teacher's EOS appended exactly when the student's target ended with EOS: what
+the teacher saw in training. `target_in_context=True` instead takes the text
+the target's ids add to the prompt's (for a teacher trained on prompt and
+target as one text; a prompt ending with EOS is a T5 encoder input and its
+target is still decoded alone). Encoding the in-context text for a teacher
+trained on separate targets puts a leading space before every target it
+scores, text it never saw first: a byte-vocabulary teacher then gives every
+on-policy sample probability ~0, and reverse KL drives the student to empty
+outputs.
 
 Offsets. Every target token's end is a UTF-8 byte offset into its side's
 target text, from the vocabulary's own decoder (`Decoder`): each id's bytes
@@ -321,13 +329,16 @@ class Aligner:
   """Re-tokenises student batches for a teacher and aligns their target spans.
 
   input_length / target_length: the teacher's I_t / O_t. keep_input_end: a too
-  long teacher prompt keeps its end instead of its start.
+  long teacher prompt keeps its end instead of its start. target_in_context:
+  the target's text is what its ids add to the prompt's text, not its ids
+  decoded alone (module docstring).
   """
   student: seqio.Vocabulary
   teacher: seqio.Vocabulary
   input_length: int
   target_length: int
   keep_input_end: bool = False
+  target_in_context: bool = False
 
   def __post_init__(self):
     for key in ("input_length", "target_length"):
@@ -353,14 +364,15 @@ class Aligner:
   def row(self, prompt: Sequence[int], target: Sequence[int], has_eos: bool) -> _Row:
     """One row: the student's prompt ids, target text ids (before EOS), whether EOS followed."""
     prompt, target = [int(i) for i in prompt], [int(i) for i in target]
-    s_text, s_ends = self._decoders[0].ends(target, _context(prompt, self.student))
+    context = _context if self.target_in_context else lambda ids, vocab: []
+    s_text, s_ends = self._decoders[0].ends(target, context(prompt, self.student))
     input_ids, flags = self._input_row(self._decoders[0].decode(prompt))
     t_all = [int(i) for i in self.teacher.encode(s_text)]
-    t_context = _context(input_ids, self.teacher)
+    t_context = context(input_ids, self.teacher)
     t_text, t_ends = self._decoders[1].ends(t_all, t_context)
     lead = s_text[:len(s_text) - len(s_text.lstrip(" "))]
     if lead and not t_context and not t_text.startswith(" "):
-      # A target decoded alone (a T5 teacher) spells no leading spaces: its first token has them.
+      # A target decoded alone (SentencePiece) spells no leading spaces: its first token has them.
       t_text, t_ends = lead + t_text, [e + len(lead) if e >= 0 else -1 for e in t_ends]
     if t_text != s_text:
       flags |= NOT_ROUND_TRIP

@@ -268,7 +268,8 @@ def setup(model_dir: str, student: ModelSource, teacher: Union[None, ModelSource
     aligner = alignment.Aligner(
         tasks.vocabulary_of(task), source.vocabulary,
         input_length=source.input_length or data["input_length"],
-        target_length=source.target_length or data["target_length"])
+        target_length=source.target_length or data["target_length"],
+        target_in_context=source.target_in_context)
   combination = teachers_lib.Combination()
   if isinstance(teacher, Teachers) and sources:
     combination = teachers_lib.Combination(teacher.combine, teacher.mixture_weights())

@@ -40,6 +40,10 @@ class ModelSource:
       (`Method.cross_tokenizer`); None: the task's.
     input_length, target_length: that teacher's prompt and target lengths in
       its own tokens (default: the task's).
+    target_in_context: a cross-tokenizer teacher trained on prompt and target
+      as one text: re-tokenise the target's text as it reads after the prompt
+      (`gkd.tasks.alignment.Aligner`); default: the target alone, as SeqIO
+      tokenises it.
   """
 
   config: Any = None
@@ -51,6 +55,7 @@ class ModelSource:
   vocabulary: Any = None
   input_length: Optional[int] = None
   target_length: Optional[int] = None
+  target_in_context: bool = False
 
   def __post_init__(self):
     if self.remat is not None:

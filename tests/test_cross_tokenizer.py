@@ -334,8 +334,17 @@ def test_random_samples_keep_every_invariant(vocabs, pair, in_context):
     s_text = _target_text(student, batch, r, in_context).encode()
     t_ids = a.target_tokens[r, :n_t].tolist()
     t_text = alignment.token_ends(teacher, [i for i in t_ids if i != teacher.eos_id])[0].encode()
-    has_eos = student.eos_id in ids and n_t and t_ids[-1] == teacher.eos_id
-    texts = count - bool(has_eos)
+    # The end span (the teacher's EOS): the student's EOS and the tokens before
+    # it that spell nothing, or such tokens up to the end of the sample.
+    has_end = bool(n_t) and t_ids[-1] == teacher.eos_id
+    texts = count - has_end
+    if has_end:
+      end = np.flatnonzero(a.student_span[r] == count - 1)
+      assert (a.student_offsets[r, end[:-1], 1] == -1).all()
+      assert a.student_offsets[r, end[-1], 1] == -1 or batch["target_tokens"][
+          r, end[-1]] == student.eos_id
+      assert end.max() == np.flatnonzero(batch["target_mask"][r]).max() or (
+          batch["target_tokens"][r, end[-1]] == student.eos_id)
     s_sp = _span_texts(s_text, a.student_offsets[r], a.student_span[r], texts)
     t_sp = _span_texts(t_text, a.teacher_offsets[r], a.teacher_span[r], texts)
     assert [int(x == y) for x, y in zip(s_sp, t_sp)] == a.span_mask[r, :texts].tolist()
@@ -417,6 +426,46 @@ def test_teacher_without_the_characters_counts_the_rest(vocabs, tmp_path):
   assert b"".join(s_sp) == text.encode() and a.span_mask[0, count - 1] == 1  # EOS
   unknown = lambda x: any(c in x.decode() for c in "日本")
   assert [a.span_mask[0, m] for m in range(count - 1)] == [0 if unknown(x) else 1 for x in s_sp]
+
+
+def test_tokens_that_spell_nothing_end_the_text(vocabs):
+  """A sample of only padding (no EOS), or text then padding then EOS: the silent
+  tokens join the end span, compared with the teacher's EOS after its text. A
+  student emitting only padding is not compared on nothing (the failure of
+  docs/experiments.md's first cross-tokenizer run)."""
+  word, byte = vocabs["word"], vocabs["byte"]
+  digits = word.encode("19")
+  batch = _batch(word, ["How many"] * 3, ["", "19", "19"], eos=False, target_length=8)
+  batch["target_tokens"][:] = 0  # id 0 (padding) decodes to nothing
+  batch["target_mask"][0] = 1                           # row 0: eight pads
+  batch["target_tokens"][1, :2], batch["target_tokens"][1, 3] = digits, word.eos_id
+  batch["target_mask"][1] = np.arange(8) < 4            # row 1: 1 9 pad EOS
+  batch["target_tokens"][2, :2], batch["target_tokens"][2, 3] = digits, digits[0]
+  batch["target_mask"][2] = np.arange(8) < 4            # row 2: 1 9 pad 1
+  a = _align(word, byte, batch)
+  eos = byte.eos_id
+  assert a.target_tokens[0, :2].tolist() == [eos, 0] and a.span_count[0] == 1
+  assert a.student_span[0].tolist() == [0] * 8 and a.span_mask[0, 0] == 1
+  assert a.target_tokens[1, :4].tolist() == byte.encode("19") + [eos, 0]
+  assert a.student_span[1, :5].tolist() == [0, 1, 2, 2, -1]
+  # A silent token before text belongs with the text after it; no EOS, no end span.
+  assert a.target_tokens[2, :4].tolist() == byte.encode("191") + [0]
+  assert a.student_span[2, :4].tolist() == [0, 1, 2, 2] and a.span_count[2] == 3
+  # The all-padding row costs the divergence of {its pads, other} from {EOS, other}.
+  rng = np.random.default_rng(0)
+  s_logits = rng.normal(size=(3, 8, word.vocab_size))
+  s_logits[..., 0] += 12.0  # the student is sure of its padding
+  t_logits = rng.normal(size=(3, a.target_tokens.shape[1], byte.vocab_size))
+  values, mask = xt.span_divergence(
+      "reverse_kl", jnp.asarray(s_logits), jnp.asarray(t_logits),
+      jnp.asarray(batch["target_tokens"]), a.target_tokens, a.student_span, a.teacher_span,
+      a.span_mask)
+  q = np.prod(_softmax(s_logits[0])[:, 0])
+  p = _softmax(t_logits[0, 0])[eos]
+  expected = q * np.log(q / p) + (1 - q) * np.log((1 - q) / (1 - p))
+  assert mask[0].tolist() == [1.0] + [0.0] * 7
+  np.testing.assert_allclose(values[0, 0], expected, rtol=1e-4)
+  assert values[0, 0] > 1.0
 
 
 def test_no_eos_no_teacher_eos_and_empty_prompt(vocabs):

@@ -11,15 +11,13 @@ tokenises inputs and targets separately (SentencePiece's dummy-prefix space
 and the word vocabulary's joining space are not part of it). The teacher's
 prompt and target are `teacher.encode` of those texts, with the teacher's own
 BOS / input EOS conventions (`gkd.tasks.features.converter_for`), and the
-teacher's EOS appended exactly when the student's target ended with EOS: what
-the teacher saw in training. `target_in_context=True` instead takes the text
-the target's ids add to the prompt's (for a teacher trained on prompt and
-target as one text; a prompt ending with EOS is a T5 encoder input and its
-target is still decoded alone). Encoding the in-context text for a teacher
-trained on separate targets puts a leading space before every target it
-scores, text it never saw first: a byte-vocabulary teacher then gives every
-on-policy sample probability ~0, and reverse KL drives the student to empty
-outputs.
+teacher's EOS appended exactly when the student's text ended (its EOS, or
+tokens that spell nothing up to the end: Spans below): what the teacher saw
+in training. `target_in_context=True` takes instead the text the target's ids
+add to the prompt's, for a teacher trained on prompt and target as one text
+(a prompt ending with EOS is a T5 encoder input: its target still reads
+alone). For a teacher trained on separate targets that text starts with a
+space it never saw first.
 
 Offsets. Every target token's end is a UTF-8 byte offset into its side's
 target text, from the vocabulary's own decoder (`Decoder`): each id's bytes
@@ -36,10 +34,14 @@ teacher's tokens ("hello") back onto text they do not spell ("Hello").
 Spans. Common boundaries are the offsets where both sides have a token end;
 the aligned spans are the text pieces between consecutive common boundaries
 (one token on one side may face several on the other), plus one span for the
-EOS pair. When the teacher's decoded text differs from the student's
-(normalisation, unknown characters), boundaries are matched through a byte
-alignment of the two texts (difflib) and a span counts (`span_mask` 1) only if
-both sides spell exactly the same bytes. When the teacher's tokens exceed
+end of the text: the student's EOS, with any tokens before it that spell
+nothing (padding, control ids; also without EOS, where a sample runs out on
+them), against the teacher's EOS appended after its text. Without it a
+student could emit only such tokens and be compared on nothing. When the
+teacher's decoded text differs from the student's (normalisation, unknown
+characters), boundaries are matched through a byte alignment of the two texts
+(difflib) and a span counts (`span_mask` 1) only if both sides spell exactly
+the same bytes. When the teacher's tokens exceed
 `target_length` they are cut; spans the kept tokens do not cover entirely are
 dropped (their student tokens get span -1) and `flags` has TARGET_TRUNCATED.
 """
@@ -71,7 +73,7 @@ class Alignment(NamedTuple):
   has at least one token on each side)."""
   input_tokens: Any        # [B, I_t] teacher prompt, LEFT-padded (the batch contract)
   input_mask: Any          # [B, I_t]
-  target_tokens: Any       # [B, O_t] teacher target, RIGHT-padded (+ EOS iff the student's had it)
+  target_tokens: Any       # [B, O_t] teacher target, RIGHT-padded (+ EOS iff the student's text ended)
   target_mask: Any         # [B, O_t]
   student_offsets: Any     # [B, O_s, 2] (start, end) UTF-8 bytes in the target text; -1 unknown
   teacher_offsets: Any     # [B, O_t, 2] the same in the teacher's decoded target text
@@ -382,11 +384,23 @@ class Aligner:
       flags |= TARGET_TRUNCATED
     s_span, t_span, valid = _spans(s_text, s_ends, t_text, t_ends, kept)
     target_ids = t_all[:kept]
-    if has_eos:
-      eos_span = len(valid)
-      s_span.append(eos_span if eos_kept else -1)
+    # Tokens after the aligned text that spell nothing (padding, control ids)
+    # end the text as EOS does: they join the end span, so a sample of only
+    # such tokens costs the teacher's probability of ending there.
+    tail = len(s_span)
+    while tail and s_span[tail - 1] < 0 and s_ends[tail - 1] < 0:
+      tail -= 1
+    silent = len(s_span) - tail if all(m >= 0 for m in s_span[:tail]) else 0
+    if silent and not has_eos:
+      eos_kept = kept < self.target_length
+      flags |= 0 if eos_kept else TARGET_TRUNCATED
+    if has_eos or silent:
+      end_span = len(valid) if eos_kept else -1
+      if silent:
+        s_span[tail:] = [end_span] * silent
+      s_span += [end_span] * has_eos
       if eos_kept:
-        t_span.append(eos_span)
+        t_span.append(end_span)
         target_ids.append(int(self.teacher.eos_id))
         valid.append(1)
     return _Row(input_ids, target_ids, len(s_text.encode("utf-8")), len(t_text.encode("utf-8")),

@@ -21,6 +21,7 @@ from gkd.losses import divergences
 from gkd.tasks import alignment
 from gkd.tasks import features
 from gkd.tasks import vocabularies
+from gkd.train.objective import SampledKL
 from test_vocab import make_sentencepiece
 
 CORPUS = [
@@ -648,6 +649,65 @@ def test_spans_to_tokens_keeps_each_rows_sum():
                              rtol=1e-6)
   np.testing.assert_allclose(tokens[0, :3], [0.1] * 3, rtol=1e-6)
   assert mask[0].tolist() == [1, 1, 1, 1, 1, 1, 0, 0]
+
+
+def _span_log_prob_reference(logits, targets, spans, num_spans):
+  """log P(span) `[B, S]` as a plain loop over tokens (differentiable in logits)."""
+  lp = jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.asarray(targets)[..., None], -1)[..., 0]
+  return jnp.stack([jnp.stack([jnp.sum(jnp.where(spans[r] == m, lp[r], 0.0))
+                               for m in range(num_spans)]) for r in range(spans.shape[0])])
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5])
+def test_span_sampled_kl_values_and_gradient(gamma):
+  s, t, ys, yt = _span_inputs(17)
+  s, t = jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32)
+  fn = lambda x: xt.span_sampled_kl(x, t, ys, yt, S_SPAN, T_SPAN, SPAN_MASK, gamma=gamma)
+  values, mask = jax.jit(fn)(s)
+  with np.errstate(divide="ignore"):
+    ratio = (np.log(_two_buckets(np.asarray(s), ys, S_SPAN, 4)[..., 0])
+             - np.log(_two_buckets(np.asarray(t), yt, T_SPAN, 4)[..., 0]))
+  np.testing.assert_allclose(values, np.where(SPAN_MASK > 0, ratio, 0.0), rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(mask, SPAN_MASK)
+
+  # Gradient: −A_s·∇log q_s with A_s = −Σ_{s' ≥ s} γ^{s'−s}(log q_s' − log p_s').
+  log_p = _span_log_prob_reference(t, yt, T_SPAN, 4)
+  def surrogate(x):
+    log_q = _span_log_prob_reference(x, ys, S_SPAN, 4)
+    r = jax.lax.stop_gradient(log_q - log_p) * SPAN_MASK
+    adv = jnp.stack([sum(gamma ** (k - j) * r[:, k] for k in range(j, 4)) for j in range(4)], 1)
+    return jnp.sum(adv * log_q * SPAN_MASK)
+  grad = jax.jit(jax.grad(lambda x: jnp.sum(fn(x)[0])))(s)
+  np.testing.assert_allclose(grad, jax.grad(surrogate)(s), rtol=1e-4, atol=1e-6)
+  # Tokens of masked spans and of no span get no gradient.
+  counted = np.take_along_axis(np.pad(SPAN_MASK, [(0, 0), (0, 1)]),
+                               np.where(S_SPAN >= 0, S_SPAN, 4), 1) > 0
+  assert np.all(np.asarray(grad)[~counted] == 0)
+  assert np.all(np.abs(np.asarray(grad)).sum(-1)[counted] > 0)
+
+
+def test_sampled_spans_through_the_loss_and_its_refusals():
+  s, t, ys, yt = _span_inputs(19)
+  a = alignment.Alignment(**dict.fromkeys(alignment.Alignment._fields))._replace(
+      target_tokens=jnp.asarray(yt), student_span=jnp.asarray(S_SPAN),
+      teacher_span=jnp.asarray(T_SPAN), span_mask=jnp.asarray(SPAN_MASK))
+  fn = xt.CrossTokenizerLoss(mode="spans", name="reverse_kl")
+  fn.check_sampled()
+  options = SampledKL(gamma=0.0, estimator="reinforce")
+  terms = fn.terms(jnp.asarray(s), jnp.asarray(t), ys, np.ones(ys.shape), a, sampled_kl=options)
+  values, _ = xt.span_sampled_kl(jnp.asarray(s), jnp.asarray(t), ys, yt, S_SPAN, T_SPAN,
+                                 SPAN_MASK)
+  per_row = np.sum(values, -1) / np.sum(SPAN_MASK, -1)
+  np.testing.assert_allclose(terms["distill"], per_row.mean(), rtol=1e-6)
+  with pytest.raises(UserError, match="set CrossTokenizerLoss.mode = 'spans'"):
+    xt.CrossTokenizerLoss(mode="uld", name="reverse_kl").check_sampled()
+  with pytest.raises(UserError, match="set CrossTokenizerLoss.name = 'reverse_kl'"):
+    xt.CrossTokenizerLoss(name="jsd", params={"beta": 0.5}).check_sampled()
+  with pytest.raises(UserError, match="temperature 1"):
+    xt.CrossTokenizerLoss(name="reverse_kl", temperature=2.0).check_sampled()
+  with pytest.raises(UserError, match="behavior_logq has shape"):
+    xt.span_sampled_kl(jnp.asarray(s), jnp.asarray(t), ys, yt, S_SPAN, T_SPAN, SPAN_MASK,
+                       behavior_logq=jnp.zeros((2, 3)))
 
 
 def test_loss_on_a_real_alignment_and_reductions(vocabs):

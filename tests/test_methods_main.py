@@ -35,6 +35,9 @@ RUNS = {
               "--gin.gkd.train.Method.audit_min_kept_mass=0.99"],
     "routed": [ROUTED, "--gin.gkd.train.EvalConfig.evaluate_teacher=True"],
     "cross_tokenizer": [CROSS],
+    "cross_tokenizer_opd": [CROSS, "--gin_file=methods/opd.gin",
+                            "--gin.gkd.losses.CrossTokenizerLoss.name='reverse_kl'",
+                            "--gin.gkd.losses.CrossTokenizerLoss.params={}"],
 }
 
 
@@ -59,8 +62,11 @@ def test_method_configs_run_end_to_end(tmp_path, name):
   if name == "routed":
     assert set(results["config"]["teacher"]) == {"1_steps", "2_steps"}
     assert {"teacher_eval_1_steps", "teacher_eval_2_steps"} <= set(results)
-  if name == "cross_tokenizer":
+  if name.startswith("cross_tokenizer"):
     assert "teacher_agreement" not in rows[0]
+  if name == "cross_tokenizer_opd":  # one action per span; no full-vocabulary audit exists
+    assert results["config"]["method"]["objective"] == "opd"
+    assert "audit_exact_divergence" not in rows[0]
 
 
 BAD = [
@@ -74,10 +80,11 @@ BAD = [
     ([CROSS, "--gin.teacher/gkd.train.ModelSource.vocabulary=None"], "set both or neither"),
     ([TINY, "--gin_file=methods/opd.gin", "--gin.gkd.train.Method.lmbda=0.5"],
      "set Method.lmbda = 1.0"),
+    ([CROSS, "--gin_file=methods/opd.gin"], "set CrossTokenizerLoss.name = 'reverse_kl'"),
 ]
 
 
-@pytest.mark.parametrize("args, message", BAD, ids=["route", "vocab", "vocab1", "cross", "opd"])
+@pytest.mark.parametrize("args, message", BAD, ids=["route", "vocab", "vocab1", "cross", "opd", "cross_opd"])
 def test_bad_method_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, message):
   model_dir = tmp_path / "run"
   proc = _main(str(model_dir), *args)

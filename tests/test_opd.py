@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from gkd.errors import UserError
+from gkd.losses import cross_tokenizer as xt
 from gkd.losses import sampled
 
 V = 5
@@ -158,3 +159,60 @@ def test_bad_options(kwargs, message):
 def test_shape_mismatch_is_a_clear_error():
   with pytest.raises(UserError, match="must have one shape"):
     sampled.per_token(jnp.zeros((1, 2)), jnp.zeros((1, 3)), jnp.ones((1, 2)))
+
+
+# ------------------------------------------------- across tokenizers: one action per span
+def _span_setup(seed):
+  """Student: 2 tabular tokens (y1, y2) spelling one span; teacher: 1 token z = y1·V + y2."""
+  keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+  theta1, theta2 = jax.random.normal(keys[0], (V,)), jax.random.normal(keys[1], (V, V))
+  teacher = 1.5 * jax.random.normal(keys[2], (V * V,))
+
+  def span_kl(th1, th2):  # KL(q(text) ‖ p(text)) over all V·V texts, enumerated
+    joint_q = (jax.nn.log_softmax(th1)[:, None] + jax.nn.log_softmax(th2, -1)).reshape(-1)
+    return _kl(joint_q, jax.nn.log_softmax(teacher))
+  return theta1, theta2, teacher, span_kl
+
+
+def _span_grads(theta1, theta2, teacher, y1, y2, behavior=None):
+  """Per-sample gradients of `span_sampled_kl`'s value w.r.t. (θ1, θ2), and the values."""
+  def one(a, b, blq):
+    def loss(th1, th2):
+      student = jnp.stack([th1, th2[a]])[None]  # [1, 2, V]
+      values, _ = xt.span_sampled_kl(
+          student, teacher[None, None], jnp.stack([a, b])[None], (a * V + b)[None, None],
+          jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1)),
+          behavior_logq=None if blq is None else blq[None])
+      return values[0, 0]
+    return jax.value_and_grad(loss, argnums=(0, 1))(theta1, theta2)
+  blq = None if behavior is None else jnp.stack([behavior[0][y1], behavior[1][y1, y2]], -1)
+  value, (g1, g2) = jax.jit(jax.vmap(one, in_axes=(0, 0, None if blq is None else 0)))(
+      y1, y2, blq)
+  return value, jnp.concatenate([g1, g2.reshape(len(y1), -1)], -1)
+
+
+def test_span_estimator_expected_gradient_is_the_span_level_reverse_kl_gradient():
+  theta1, theta2, teacher, span_kl = _span_setup(4)
+  k = jax.random.PRNGKey(5)
+  y1 = jax.random.categorical(k, theta1, shape=(M,))
+  y2 = jax.random.categorical(jax.random.fold_in(k, 1), theta2[y1])
+  exact = jnp.concatenate([g.reshape(-1) for g in jax.grad(span_kl, (0, 1))(theta1, theta2)])
+  value, grads = _span_grads(theta1, theta2, teacher, y1, y2)
+  _, se = _mc_check(grads, exact)
+  assert np.max(se) < 0.05 * np.max(np.abs(exact))  # the check has power
+  v = np.asarray(value, np.float64)  # the value: a one-sample estimate of the KL itself
+  assert abs(v.mean() - float(span_kl(theta1, theta2))) < _SE * v.std() / np.sqrt(M)
+  with pytest.raises(AssertionError):  # a flipped advantage fails
+    _mc_check(-grads, exact)
+
+
+def test_span_estimator_importance_weights_a_tempered_sampler():
+  theta1, theta2, teacher, span_kl = _span_setup(6)
+  behavior = (jax.nn.log_softmax(theta1 / 2.0), jax.nn.log_softmax(theta2 / 2.0, -1))
+  k = jax.random.PRNGKey(7)
+  y1 = jax.random.categorical(k, behavior[0], shape=(M,))
+  y2 = jax.random.categorical(jax.random.fold_in(k, 1), behavior[1][y1])
+  exact = jnp.concatenate([g.reshape(-1) for g in jax.grad(span_kl, (0, 1))(theta1, theta2)])
+  _mc_check(_span_grads(theta1, theta2, teacher, y1, y2, behavior)[1], exact)
+  with pytest.raises(AssertionError):  # the same samples without the correction: biased
+    _mc_check(_span_grads(theta1, theta2, teacher, y1, y2)[1], exact)

@@ -17,10 +17,18 @@ lengths and vocabularies differ. Positions are matched by
   the two distributions collapsed onto {this text, anything else}:
   log-probs (log P, log(1 − P)). A collapse never increases an f-divergence
   (data processing), as in `topk.py`.
+* Sampled spans (`span_sampled_kl`, objective 'opd'): on the student's own
+  samples, OPD (`sampled.py`) with one action per aligned span: advantage
+  −(log q(text) − log p(text)), q and p each model's probability of the span's
+  text. Its expected gradient is the span-level reverse KL's,
+  E_{text ~ q}[(log q − log p)·∇log q(text)] = ∇KL(q ‖ p) over every text the
+  span could hold, where the 2-bucket comparison above only sees {this text,
+  anything else}: when both models find a sample unlikely that comparison is
+  ~0, while −log p(text) still punishes it.
 """
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 import gin
 import jax
@@ -29,6 +37,7 @@ import jax.numpy as jnp
 from gkd.errors import UserError
 from gkd.losses import api
 from gkd.losses import divergences
+from gkd.losses import sampled
 
 Array = jax.Array
 
@@ -72,6 +81,19 @@ def _check_spans(span_mask: Array, batch: int) -> None:
   if span_mask.ndim != 2 or span_mask.shape[0] != batch:
     raise UserError(f"span_mask has shape {tuple(span_mask.shape)}, expected [{batch}, spans]; "
                     "pass the Alignment computed for this batch")
+
+
+def _check_span_inputs(student_logits, teacher_logits, student_targets, teacher_targets,
+                       student_span, teacher_span, span_mask) -> int:
+  """Checks the span functions' shapes against each other; returns the span count S."""
+  _check_pair(student_logits, teacher_logits)
+  b, o_s, o_t = student_logits.shape[0], student_logits.shape[1], teacher_logits.shape[1]
+  _check("student_targets", student_targets, (b, o_s))
+  _check("student_span", student_span, (b, o_s))
+  _check("teacher_targets", teacher_targets, (b, o_t))
+  _check("teacher_span", teacher_span, (b, o_t))
+  _check_spans(span_mask, b)
+  return span_mask.shape[1]
 
 
 def uld_per_token(student_logits: Array, teacher_logits: Array, student_mask: Array,
@@ -151,6 +173,17 @@ def _segment_exclusive_cumsum(x: Array, span: Array) -> Array:
   return jnp.where(start, 0.0, shifted)
 
 
+def _per_span(span: Array, num_spans: int):
+  """`seg(f, x)`: the segment reduction f (jax.ops.segment_*) of x `[B, O]` per span -> `[B, S]`."""
+  b = span.shape[0]
+  ids = jnp.where(span >= 0, span + num_spans * jnp.arange(b)[:, None], b * num_spans)
+
+  def seg(f, x: Array) -> Array:
+    out = f(x.reshape(-1), ids.reshape(-1), num_segments=b * num_spans + 1)
+    return out[:-1].reshape(b, num_spans)  # the last segment collects span -1
+  return seg
+
+
 def span_log_probs(token_lp: Array, token_rest: Array, span: Array,
                    num_spans: int) -> tuple[Array, Array]:
   """Per span: (log P(text), log(1 − P(text))) `[B, S]` from per-token values `[B, O]`.
@@ -160,12 +193,9 @@ def span_log_probs(token_lp: Array, token_rest: Array, span: Array,
   summed in log space. `span` holds ids in [0, S) or -1 (ignored); the tokens
   of one span must be consecutive. Spans without tokens give (0, -inf).
   """
-  b, o = span.shape
   valid = span >= 0
   token_lp = jnp.where(valid, token_lp, 0.0)
-  ids = jnp.where(valid, span + num_spans * jnp.arange(b)[:, None], b * num_spans).reshape(-1)
-  seg = lambda f, x: f(x.reshape(-1), ids, num_segments=b * num_spans + 1)[:-1].reshape(
-      b, num_spans)
+  seg = _per_span(span, num_spans)
   log_p = seg(jax.ops.segment_sum, token_lp)
   rest = jnp.where(valid, _segment_exclusive_cumsum(token_lp, span) + token_rest, -jnp.inf)
   top = jax.lax.stop_gradient(seg(jax.ops.segment_max, rest))
@@ -201,14 +231,8 @@ def span_divergence(name: str, student_logits: Array, teacher_logits: Array,
   """
   checked = _check_divergence(name, params)
   temperature = api.check_temperature(temperature)
-  _check_pair(student_logits, teacher_logits)
-  b, o_s, o_t = student_logits.shape[0], student_logits.shape[1], teacher_logits.shape[1]
-  _check("student_targets", student_targets, (b, o_s))
-  _check("student_span", student_span, (b, o_s))
-  _check("teacher_targets", teacher_targets, (b, o_t))
-  _check("teacher_span", teacher_span, (b, o_t))
-  _check_spans(span_mask, b)
-  s = span_mask.shape[1]
+  s = _check_span_inputs(student_logits, teacher_logits, student_targets, teacher_targets,
+                         student_span, teacher_span, span_mask)
   teacher_logits = jax.lax.stop_gradient(teacher_logits)
   lq = span_log_probs(*token_log_probs(student_logits, student_targets, temperature),
                       student_span, s)
@@ -219,6 +243,41 @@ def span_divergence(name: str, student_logits: Array, teacher_logits: Array,
   two = lambda pair: jnp.where(mask[..., None], jnp.stack(pair, axis=-1), half)
   values = divergences.DIVERGENCES[name](two(lq), two(lp), **checked)
   return jnp.where(mask, jnp.maximum(values, 0.0), 0.0), mask.astype(jnp.float32)
+
+
+def span_sampled_kl(student_logits: Array, teacher_logits: Array, student_targets: Array,
+                    teacher_targets: Array, student_span: Array, teacher_span: Array,
+                    span_mask: Array, *, gamma: float = 0.0,
+                    behavior_logq: Optional[Array] = None,
+                    is_clip: Optional[float] = None) -> tuple[Array, Array]:
+  """OPD on aligned spans: each span's text is one action of the student.
+
+  Per span s: log q_s = Σ log q(y_t) over its student tokens, log p_s = Σ
+  log p(z_t) over its teacher tokens (temperature 1), and `sampled.per_token`
+  over the spans in text order: value ρ_s·(log q_s − log p_s), gradient
+  −ρ_s·A_s·∇log q_s with A_s = −Σ_{s' ≥ s} γ^{s'−s}(log q_s' − log p_s').
+
+  Args:
+    as `span_divergence` (without the divergence); behavior_logq: float32
+    `[B, O_s]` sampling-time log-probs of the student's tokens (the
+    importance estimator: ρ_s = q_s / b_s, truncated at is_clip), or None.
+  Returns:
+    (values `[B, S]`, span_mask `[B, S]` as float32); 0 on masked spans.
+  """
+  s = _check_span_inputs(student_logits, teacher_logits, student_targets, teacher_targets,
+                         student_span, teacher_span, span_mask)
+  sums = lambda values, span: _per_span(span, s)(jax.ops.segment_sum,
+                                                  jnp.where(span >= 0, values, 0.0))
+  log_q = sums(token_log_probs(student_logits, student_targets)[0], student_span)
+  log_p = sums(token_log_probs(jax.lax.stop_gradient(teacher_logits), teacher_targets)[0],
+               teacher_span)
+  behavior = None
+  if behavior_logq is not None:
+    _check("behavior_logq", behavior_logq, student_targets.shape)
+    behavior = sums(behavior_logq.astype(jnp.float32), student_span)
+  mask = (span_mask > 0).astype(jnp.float32)
+  return sampled.per_token(log_q, log_p, mask, gamma=gamma, behavior_logq=behavior,
+                           is_clip=is_clip), mask
 
 
 def spans_to_tokens(values: Array, student_span: Array, span_mask: Array) -> tuple[Array, Array]:
@@ -298,11 +357,37 @@ class CrossTokenizerLoss:
                            a.target_tokens, a.student_span, a.teacher_span, a.span_mask,
                            temperature=self.temperature, **self.params)
 
+  def check_sampled(self) -> None:
+    """Refuses options the sampled-span objective (Method.objective='opd') cannot honour."""
+    if self.mode != "spans":
+      raise UserError(f"objective 'opd' across tokenizers compares each aligned span's text; "
+                      f"set CrossTokenizerLoss.mode = 'spans' (not {self.mode!r})")
+    if self.name != "reverse_kl" or self.params:
+      raise UserError(f"objective 'opd' across tokenizers estimates the span-level reverse KL; "
+                      f"set CrossTokenizerLoss.name = 'reverse_kl' (not {self.name!r}) and "
+                      f"no params")
+    if self.temperature != 1.0:
+      raise UserError("objective 'opd' estimates KL(q ‖ p) at temperature 1; unset "
+                      "CrossTokenizerLoss.temperature")
+
   def terms(self, student_logits: Array, teacher_logits: Array, student_targets: Array,
-            student_mask: Array, alignment) -> dict[str, Array]:
-    """{'loss', 'distill', 'crossentropy'} scalars."""
-    values, mask = self.distillation(student_logits, teacher_logits, student_targets,
-                                     student_mask, alignment)
+            student_mask: Array, alignment, sampled_kl: Any = None,
+            behavior_logq: Optional[Array] = None) -> dict[str, Array]:
+    """{'loss', 'distill', 'crossentropy'} scalars.
+
+    sampled_kl: a `gkd.train.SampledKL` (γ, estimator, is_clip) for the
+    sampled-span objective (`span_sampled_kl`); None: `distillation`.
+    """
+    if sampled_kl is None:
+      values, mask = self.distillation(student_logits, teacher_logits, student_targets,
+                                       student_mask, alignment)
+    else:
+      a = alignment
+      values, mask = span_sampled_kl(
+          student_logits, teacher_logits, student_targets, a.target_tokens, a.student_span,
+          a.teacher_span, a.span_mask, gamma=sampled_kl.gamma,
+          behavior_logq=behavior_logq if sampled_kl.estimator == "importance" else None,
+          is_clip=sampled_kl.is_clip)
     distill = api.reduce(values, mask, self.reduction)
     ce = jnp.zeros((), jnp.float32)
     if self.crossentropy_weight:
@@ -311,7 +396,8 @@ class CrossTokenizerLoss:
             "distill": distill, "crossentropy": ce}
 
   def __call__(self, student_logits: Array, teacher_logits: Array, student_targets: Array,
-               student_mask: Array, alignment) -> Array:
+               student_mask: Array, alignment, sampled_kl: Any = None,
+               behavior_logq: Optional[Array] = None) -> Array:
     """The scalar loss."""
     return self.terms(student_logits, teacher_logits, student_targets, student_mask,
-                      alignment)["loss"]
+                      alignment, sampled_kl, behavior_logq)["loss"]

@@ -13,7 +13,9 @@ the train step never branches on the objective's name:
   opd  sampled-token on-policy distillation (`gkd/losses/sampled.py`): on the
        student's own samples, the policy gradient with per-token advantage
        −(log q(y_t) − log p(y_t)); only the teacher's log-probabilities of the
-       sampled tokens enter. Options in `Method.sampled_kl` (`SampledKL`).
+       sampled tokens enter. Options in `Method.sampled_kl` (`SampledKL`). With
+       `Method.cross_tokenizer` each aligned span's text is one action
+       (`CrossTokenizerLoss`, `span_sampled_kl`).
 
 `compose` adds the RL term: loss = (1 − α)·RL + α·distill, RL counting on
 on-policy steps only. `audit` computes, for estimated losses, the exact
@@ -99,6 +101,9 @@ def _sft(method, x: Inputs) -> Array:
 
 def _opd(method, x: Inputs) -> Array:
   options = method.sampled_kl
+  if method.cross_tokenizer is not None:  # one action per aligned span
+    return method.cross_tokenizer(x.student_logits, x.teacher, x.tokens, x.mask, x.alignment,
+                                  sampled_kl=options, behavior_logq=x.behavior_logq)
   behavior = x.behavior_logq if options.estimator == "importance" else None
   values = sampled.per_token(sampled.token_log_probs(x.student_logits, x.tokens),
                              sampled.token_log_probs(x.teacher, x.tokens), x.mask,

@@ -83,6 +83,7 @@ class Method:
     sampled_kl: the opd objective's options (`SampledKL`: γ, estimator).
     cross_tokenizer: a `gkd.losses.CrossTokenizerLoss` when the teacher has
       another tokenizer (its `ModelSource.vocabulary`); None: one tokenizer.
+      With objective "opd" each aligned span's text is one sampled action.
     audit_every: every this many steps (0: never), an estimated loss (the
       divergence's teacher_top_k, opd) also logs the exact full-vocabulary
       divergence on the same batch and the teacher mass the top-k keeps.
@@ -144,9 +145,11 @@ class Method:
       if not isinstance(self.cross_tokenizer, losses.CrossTokenizerLoss):
         raise UserError("Method.cross_tokenizer must be a gkd.losses.CrossTokenizerLoss, e.g. "
                         "`Method.cross_tokenizer = @gkd.losses.CrossTokenizerLoss()`")
-      if self.objective != "gkd":
-        raise UserError(f"Method.cross_tokenizer works with objective 'gkd', not "
+      if self.objective not in ("gkd", "opd"):
+        raise UserError(f"Method.cross_tokenizer works with objectives 'gkd' and 'opd', not "
                         f"{self.objective!r}; unset one of them")
+      if self.objective == "opd":
+        self.cross_tokenizer.check_sampled()
     if (isinstance(self.audit_every, bool) or not isinstance(self.audit_every, int)
         or self.audit_every < 0):
       raise UserError(f"audit_every={self.audit_every!r} must be an integer >= 0 (0: no audits)")

@@ -35,9 +35,7 @@ RUNS = {
               "--gin.gkd.train.Method.audit_min_kept_mass=0.99"],
     "routed": [ROUTED, "--gin.gkd.train.EvalConfig.evaluate_teacher=True"],
     "cross_tokenizer": [CROSS],
-    "cross_tokenizer_opd": [CROSS, "--gin_file=methods/opd.gin",
-                            "--gin.gkd.losses.CrossTokenizerLoss.name='reverse_kl'",
-                            "--gin.gkd.losses.CrossTokenizerLoss.params={}"],
+    "cross_tokenizer_opd": ["--gin_file=experiments/tiny/cross_tokenizer_opd.gin"],
 }
 
 

@@ -151,7 +151,8 @@ def test_opd_joins_the_rl_mixing(models):
     (dict(objective="opd", lmbda=1.0, seq_kd=True), "seq_kd"),
     (dict(audit_every=-1), "audit_every"),
     (dict(audit_min_kept_mass=2.0), "audit_min_kept_mass"),
-    (dict(objective="sft", cross_tokenizer=losses.CrossTokenizerLoss()), "objective 'gkd'"),
+    (dict(objective="sft", cross_tokenizer=losses.CrossTokenizerLoss()),
+     "objectives 'gkd' and 'opd', not 'sft'"),
 ])
 def test_method_validation(kwargs, message):
   with pytest.raises(UserError, match=message):

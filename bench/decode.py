@@ -8,6 +8,12 @@ batch size in `--batches`, runs alternate after one warm-up each; the first
 table has the medians (new tokens per second, the ratio to `generate`
 measured in this run) and whether the greedy tokens are HF's.
 
+gkd runs on one CPU device and, data-parallel, on a mesh of `--devices`
+(default: one per core; `jax_num_cpu_devices`). The second is how XLA uses
+a CPU's cores here: it runs a decode loop's small ops on one thread, while
+torch spreads each op over its threads, so one device leaves the other cores
+idle. Both columns are printed; the ratio is the mesh's.
+
 The second table measures the early stop at `--early_batch`: a batch whose
 rows all finish early (EOS set to a token that each row's greedy output
 emits within N / 2 steps; `early_stop`), `sample` with that EOS (the loop ends
@@ -31,7 +37,9 @@ import numpy as np
 import torch
 import transformers
 
-from gkd import sampling
+from jax.sharding import NamedSharding, PartitionSpec
+
+from gkd import partitioning, sampling
 from gkd.models import DecoderModel, load_hf
 
 import loadguard  # bench/loadguard.py: refuses a loaded machine
@@ -48,6 +56,8 @@ def parse_args() -> argparse.Namespace:
   p.add_argument("--layers", type=int, default=4)
   p.add_argument("--early_batch", type=int, default=32,
                  help="batch size of the early-stop table (0: no such table)")
+  p.add_argument("--devices", type=int, default=os.cpu_count(),
+                 help="CPU devices of gkd's data-parallel mesh (the batch must divide)")
   p.add_argument("--torch_threads", type=int, default=0,
                  help="torch.set_num_threads (0: torch's default)")
   p.add_argument("--sample", action="store_true",
@@ -94,14 +104,20 @@ def alternate(fns, reps: int) -> tuple[list[float], list]:
 
 
 class Ours:
-  """The jitted `sample` of a model: (tokens, mask, steps) as numpy."""
+  """The jitted `sample` of a model on a data-parallel mesh (default: one device):
+  (tokens, mask, steps) as numpy."""
 
-  def __init__(self, model, params, config):
-    self.params = params
+  def __init__(self, model, params, config, devices: int = 1):
+    self.mesh = partitioning.make_mesh(data=devices, devices=jax.devices()[:devices])
+    self.rules = partitioning.data_parallel_rules()
+    self.params = jax.device_put(params, NamedSharding(self.mesh, PartitionSpec()))
     self.fn = jax.jit(lambda p, b, r: sampling.sample(model, p, b, r, config))
 
   def __call__(self, batch, rep):
-    s = self.fn(self.params, batch, jax.random.key(rep))
+    batch = jax.device_put(batch, partitioning.logical_sharding(
+        self.mesh, self.rules, "activation_batch", None))
+    with partitioning.activation_sharding(self.mesh, self.rules):
+      s = self.fn(self.params, batch, jax.random.key(rep))
     return np.asarray(s.tokens), np.asarray(s.mask), int(s.steps)
 
 
@@ -118,6 +134,11 @@ def first_emitted(tokens: np.ndarray, vocab: int) -> np.ndarray:
 def main() -> None:
   args = parse_args()
   loadguard.check(args)
+  jax.config.update("jax_num_cpu_devices", args.devices)
+  batches = [int(x) for x in args.batches.split(",") if x]
+  if any(b % args.devices for b in batches + [args.early_batch]):
+    raise SystemExit(f"decode.py: every batch size ({args.batches}, early {args.early_batch}) "
+                     f"must be a multiple of --devices={args.devices}; pick other sizes")
   if args.torch_threads:
     torch.set_num_threads(args.torch_threads)
   hf = hf_model(args)
@@ -128,7 +149,8 @@ def main() -> None:
   no_eos = DecoderModel(dataclasses.replace(model.config, eos_id=-1))
   n = args.new_tokens
   config = sampling.SampleConfig(max_new_tokens=n, greedy=not args.sample, temperature=1.0)
-  ours = Ours(no_eos, params, config)
+  ours = [Ours(no_eos, params, config)] + (
+      [Ours(no_eos, params, config, args.devices)] if args.devices > 1 else [])
   kind = "sampling (T=1)" if args.sample else "greedy"
   print(f"prompt {args.prompt_len}, new tokens {n}, {kind}, float32 CPU, "
         f"jax {jax.__version__} ({jax.device_count()} devices), "
@@ -137,7 +159,7 @@ def main() -> None:
         f"medians of {args.reps}")
 
   rows, agree = [], {}
-  for b in [int(x) for x in args.batches.split(",") if x]:
+  for b in batches:
     tokens, mask = prompts(b, args.prompt_len, args.vocab)
     batch = {"input_tokens": jnp.asarray(tokens), "input_mask": jnp.asarray(mask)}
     gen_kwargs = dict(
@@ -153,20 +175,27 @@ def main() -> None:
       torch.manual_seed(rep)
       return hf.generate(**gen_kwargs)[:, args.prompt_len:].numpy()
 
-    (t_ours, t_hf), (out_ours, out_hf) = alternate(
-        [lambda rep, batch=batch: ours(batch, rep), theirs], args.reps)
-    agree[b] = float(np.mean(out_ours[0] == out_hf))
-    rows.append((b, t_ours, t_hf))
+    fns = [lambda rep, batch=batch, o=o: o(batch, rep) for o in ours]
+    times, outs = alternate(fns + [theirs], args.reps)
+    for i, out in enumerate(outs[:-1]):
+      agree.setdefault(i, {})[b] = float(np.mean(out[0] == outs[-1]))
+    rows.append((b, times[:-1], times[-1]))
 
-  print("| batch | new tokens | gkd s | gkd tok/s | HF s | HF tok/s | ratio |")
-  print("|---|---|---|---|---|---|---|")
+  one = " (1 device)" if len(ours) > 1 else ""
+  mesh = f" ({args.devices} devices)"
+  print(f"| batch | new tokens | gkd s{one} |" + (f" gkd s{mesh} |" if one else "")
+        + f" gkd tok/s | HF s | HF tok/s |" + (f" ratio{one} |" if one else "") + " ratio |")
+  print("|---" * (7 + 2 * bool(one)) + "|")
   for b, t_ours, t_hf in rows:
-    print(f"| {b} | {n} | {t_ours:.3f} | {b * n / t_ours:.0f} | {t_hf:.3f} | "
-          f"{b * n / t_hf:.0f} | {t_hf / t_ours:.2f}x |")
+    best = t_ours[-1]
+    print(f"| {b} | {n} | " + " | ".join(f"{t:.3f}" for t in t_ours)
+          + f" | {b * n / best:.0f} | {t_hf:.3f} | {b * n / t_hf:.0f} | "
+          + "".join(f"{t_hf / t:.2f}x | " for t in t_ours[:-1]) + f"{t_hf / best:.2f}x |")
   if not args.sample:  # same weights, same greedy choices (HF never emits EOS)
-    print("greedy tokens identical to HF: " + ", ".join(
-        f"batch {b} {a:.1%}" for b, a in agree.items()) +
-          (" (all identical)" if all(a == 1 for a in agree.values()) else " (DIFFER)"))
+    for i, same in agree.items():
+      print(f"greedy tokens identical to HF{[one, mesh][i] if one else ''}: " + ", ".join(
+          f"batch {b} {a:.1%}" for b, a in same.items()) +
+            (" (all identical)" if all(a == 1 for a in same.values()) else " (DIFFER)"))
   if args.early_batch:
     early_stop(args, model, params, config)
 
@@ -180,20 +209,22 @@ def early_stop(args: argparse.Namespace, model: DecoderModel, params, config) ->
   """
   b, n = args.early_batch, config.max_new_tokens
   greedy = dataclasses.replace(config, greedy=True)
-  full = Ours(DecoderModel(dataclasses.replace(model.config, eos_id=-1)), params, greedy)
+  full = Ours(DecoderModel(dataclasses.replace(model.config, eos_id=-1)), params, greedy,
+              args.devices)
   pool = prompts(4 * b, args.prompt_len, args.vocab)
   first = first_emitted(full(dict(zip(("input_tokens", "input_mask"), pool)), 0)[0], args.vocab)
   eos = int(np.argmax(np.sum(first <= n // 2, axis=0)))
   rows = np.resize(np.flatnonzero(first[:, eos] <= n // 2), b)
   batch = {"input_tokens": jnp.asarray(pool[0][rows]), "input_mask": jnp.asarray(pool[1][rows])}
-  stops = Ours(DecoderModel(dataclasses.replace(model.config, eos_id=eos)), params, greedy)
+  stops = Ours(DecoderModel(dataclasses.replace(model.config, eos_id=eos)), params, greedy,
+               args.devices)
   (t_stop, t_full), (out_stop, out_full) = alternate(
       [lambda rep: stops(batch, rep), lambda rep: full(batch, rep)], args.reps)
   # The all-steps run's tokens up to each row's first EOS must be those kept.
   ended = np.cumsum(np.cumsum(out_full[0] == eos, axis=1), axis=1) > 1
   same = (np.array_equal(out_stop[0], np.where(ended, 0, out_full[0]))
           and np.array_equal(out_stop[1], (~ended).astype(np.int32)))
-  print(f"early stop, greedy: batch {b} of prompts whose outputs emit token {eos} (the EOS) "
+  print(f"early stop, greedy, {args.devices} device(s): batch {b} of prompts whose outputs emit token {eos} (the EOS) "
         f"within {n // 2} steps ({len(set(rows))} distinct of a pool of {4 * b})")
   print("| batch | EOS id | steps run | early stop s | all steps s | saving |")
   print("|---|---|---|---|---|---|")

@@ -170,17 +170,19 @@ def test_cross_tokenizer_table():
 
 @pytest.mark.slow
 def test_decode_tables():
-  rows, stdout = _run_out("decode.py", "--batches", "2,3", "--prompt_len", "4", "--new_tokens",
+  rows, stdout = _run_out("decode.py", "--batches", "2,4", "--prompt_len", "4", "--new_tokens",
                           "8", "--reps", "1", "--vocab", "64", "--hidden", "32", "--layers", "1",
-                          "--early_batch", "2")
+                          "--early_batch", "2", "--devices", "2")
   speed, early = _tables(rows)
-  assert speed[0][:2] == ["batch", "new tokens"] and speed[0][-1] == "ratio"
-  assert [r[:2] for r in speed[1:]] == [["2", "8"], ["3", "8"]]
+  assert speed[0][:4] == ["batch", "new tokens", "gkd s (1 device)", "gkd s (2 devices)"]
+  assert speed[0][-2:] == ["ratio (1 device)", "ratio"]
+  assert [r[:2] for r in speed[1:]] == [["2", "8"], ["4", "8"]]
   assert all(float(c.rstrip("x")) > 0 for r in speed[1:] for c in r[2:])
   assert early[0][:3] == ["batch", "EOS id", "steps run"] and len(early) == 2
   steps, n = map(int, early[1][2].split(" / "))
   assert n == 8 and 1 <= steps <= 8
-  assert "greedy tokens identical to HF: batch 2 100.0%, batch 3 100.0%" in stdout
+  for devices in ("1 device", "2 devices"):
+    assert f"greedy tokens identical to HF ({devices}): batch 2 100.0%, batch 4 100.0%" in stdout
   assert "cut at EOS: True" in stdout
 
 

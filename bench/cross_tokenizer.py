@@ -30,6 +30,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from gkd.losses import cross_tokenizer
 from gkd.tasks import alignment, features, vocabularies
 
+from gkd import startup  # noqa: E402
 import loadguard  # bench/loadguard.py: refuses a loaded machine
 
 WORDS = ("the a one two three clips sold many half April May how did sell altogether fox dog "
@@ -120,6 +121,7 @@ def main():
   loadguard.add_flags(parser)
   args = parser.parse_args()
   loadguard.check(args)
+  startup.xla_defaults()  # the XLA options gkd.main runs with
   with tempfile.TemporaryDirectory() as root:
     vocabs = build_vocabularies(root)
     print(f"batch={args.batch} input_len={args.input_len} target_len={args.target_len} "

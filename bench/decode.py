@@ -42,6 +42,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from gkd import partitioning, sampling
 from gkd.models import DecoderModel, load_hf
 
+from gkd import startup  # noqa: E402
 import loadguard  # bench/loadguard.py: refuses a loaded machine
 
 
@@ -134,6 +135,7 @@ def first_emitted(tokens: np.ndarray, vocab: int) -> np.ndarray:
 def main() -> None:
   args = parse_args()
   loadguard.check(args)
+  startup.xla_defaults()  # the XLA options gkd.main runs with
   jax.config.update("jax_num_cpu_devices", args.devices)
   batches = [int(x) for x in args.batches.split(",") if x]
   if any(b % args.devices for b in batches + [args.early_batch]):

@@ -39,6 +39,7 @@ import time
 
 import numpy as np
 
+from gkd import startup  # noqa: E402
 import loadguard  # bench/loadguard.py: refuses a loaded machine
 
 for _k, _v in (("TRL_EXPERIMENTAL_SILENCE", "1"), ("HF_HUB_OFFLINE", "1"),
@@ -73,12 +74,14 @@ def parse_args(argv=None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
-def decoder_config(shape: tuple, vocab: int, dtype: str = "float32", remat: str = "none"):
+def decoder_config(shape: tuple, vocab: int, dtype: str = "float32", remat: str = "none",
+                   attention: str = "dense"):
   from gkd.models import DecoderConfig
   layers, width, heads, kv_heads, mlp = shape
   return DecoderConfig(vocab_size=vocab, embed_dim=width, mlp_dim=mlp, num_layers=layers,
                        num_heads=heads, num_kv_heads=kv_heads, head_dim=width // heads,
-                       tie_embeddings=False, dtype=dtype, max_len=2048, remat=remat)
+                       tie_embeddings=False, dtype=dtype, max_len=2048, remat=remat,
+                       attention=attention)
 
 
 def batch_arrays(args) -> dict:
@@ -100,7 +103,8 @@ def init_models(args, dtype: str = "float32") -> list:
   out = []
   for seed, shape in enumerate(SHAPES[args.shape]):
     remat = getattr(args, "remat", "none") if seed == 0 else "none"  # the student's
-    model = build_model(decoder_config(shape, args.vocab, dtype=dtype, remat=remat))
+    model = build_model(decoder_config(shape, args.vocab, dtype=dtype, remat=remat,
+                                       attention=getattr(args, "attention", "dense")))
     out.append((model, partitioning.strip_boxes(model.init(jax.random.PRNGKey(seed), batch))))
   return out
 
@@ -292,6 +296,7 @@ def main(argv=None) -> None:
   if args.side:
     return child_main(args)
   loadguard.check(args)
+  startup.xla_defaults()  # the XLA options gkd.main runs with
   student, teacher = SHAPES[args.shape]
   print(f"shape {args.shape}: student {student}, teacher {teacher} (layers, width, heads, "
         f"kv heads, mlp); vocab {args.vocab}; batch {args.batch}, prompt {args.prompt_len}, "

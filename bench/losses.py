@@ -16,6 +16,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from gkd import startup  # noqa: E402
 import loadguard  # bench/loadguard.py: refuses a loaded machine
 
 from gkd import losses
@@ -37,6 +38,7 @@ def main():
   loadguard.add_flags(parser)
   args = parser.parse_args()
   loadguard.check(args)
+  startup.xla_defaults()  # the XLA options gkd.main runs with
 
   k1, k2 = jax.random.split(jax.random.PRNGKey(0))
   student = jax.random.normal(k1, (args.tokens, args.vocab), jnp.float32)

@@ -29,6 +29,7 @@ import numpy as np
 import optax
 import seqio
 
+from gkd import startup  # noqa: E402
 import loadguard  # bench/loadguard.py: refuses a loaded machine
 
 from gkd import losses, partitioning
@@ -90,6 +91,7 @@ def main():
   loadguard.add_flags(parser)
   args = parser.parse_args()
   loadguard.check(args)
+  startup.xla_defaults()  # the XLA options gkd.main runs with
 
   b, i, o, w, n, v = (args.batch, args.input_len, args.target_len, args.width, args.layers,
                       args.vocab)

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gkd_vs_trl as common  # noqa: E402  (shared shapes, models and step)
+from gkd import startup  # noqa: E402
 import loadguard  # noqa: E402  (bench/loadguard.py: refuses a loaded machine)
 
 # Qwen2-0.5B-like (layers, width, heads, kv heads, mlp) for the GPU path; teacher 1.5B-like.
@@ -199,6 +200,7 @@ def gpu_main(args) -> None:
 def main(argv=None) -> None:
   args = parse_args(argv)
   loadguard.check(args)
+  startup.xla_defaults()  # the XLA options gkd.main runs with
   if jax.default_backend() == "gpu":
     gpu_main(args)
   else:

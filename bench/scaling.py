@@ -12,6 +12,9 @@ inside the loss, `gkd/losses/fused.py`, default chunk budget) or 'plain' (full
   headline     V = 152,064, B·N = 8 × 512 = 4,096 target tokens, both paths;
   vocab        the vocabulary swept (--vocabs) at the headline B, N;
   new_tokens   the length swept (--lengths) at the headline B, V;
+  new_tokens_blockwise_<remat>
+               fused, the same sweep with blockwise attention in student and
+               teacher (`DecoderConfig.attention`), per --blockwise remat policy;
   microbatches fused, the batch in --microbatches parts (gradient accumulation);
   remat        fused, the student's blocks under each --remats policy.
 Columns:
@@ -40,6 +43,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gkd_vs_trl as common  # noqa: E402  (shared shapes, models and step)
+from gkd import startup  # noqa: E402
 import loadguard  # noqa: E402  (bench/loadguard.py: refuses a loaded machine)
 
 MIB = 2 ** 20
@@ -56,6 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--lengths", default="128,256,512,1024", help="length sweep ('' skips)")
   p.add_argument("--microbatches", default="1,4", help="fused rows with these ('' skips)")
   p.add_argument("--remats", default="none,full,dots", help="fused rows with these ('' skips)")
+  p.add_argument("--blockwise", default="none,full",
+                 help="the length sweep again with blockwise attention (student and teacher), "
+                      "once per student remat policy listed ('' skips)")
   p.add_argument("--time", default="headline",
                  help="comma-separated row kinds whose steps are also timed ('' for none)")
   p.add_argument("--chunk_elements", type=int, default=None,
@@ -92,15 +99,18 @@ def measure(args, path: str, timed: bool, **method) -> tuple[float, float]:
 
 
 def rows(args):
-  """(kind, vocab, new_tokens, path, microbatches, remat) of every row, in order."""
-  out = [("headline", args.vocab, args.new_tokens, p, 1, "none") for p in ("fused", "plain")]
-  out += [("vocab", v, args.new_tokens, p, 1, "none") for v in _ints(args.vocabs)
+  """(kind, vocab, new_tokens, path, microbatches, remat, attention) of every row, in order."""
+  out = [("headline", args.vocab, args.new_tokens, p, 1, "none", "dense")
+         for p in ("fused", "plain")]
+  out += [("vocab", v, args.new_tokens, p, 1, "none", "dense") for v in _ints(args.vocabs)
           for p in ("fused", "plain")]
-  out += [("new_tokens", args.vocab, n, p, 1, "none") for n in _ints(args.lengths)
+  out += [("new_tokens", args.vocab, n, p, 1, "none", "dense") for n in _ints(args.lengths)
           for p in ("fused", "plain")]
-  out += [("microbatches", args.vocab, args.new_tokens, "fused", m, "none")
+  out += [(f"new_tokens_blockwise_{r}", args.vocab, n, "fused", 1, r, "blockwise")
+          for r in args.blockwise.split(",") if r for n in _ints(args.lengths)]
+  out += [("microbatches", args.vocab, args.new_tokens, "fused", m, "none", "dense")
           for m in _ints(args.microbatches)]
-  out += [("remat", args.vocab, args.new_tokens, "fused", 1, r)
+  out += [("remat", args.vocab, args.new_tokens, "fused", 1, r, "dense")
           for r in args.remats.split(",") if r]
   return out
 
@@ -108,14 +118,15 @@ def rows(args):
 def main(argv=None) -> None:
   args = parse_args(argv)
   loadguard.check(args)
+  startup.xla_defaults()  # the XLA options gkd.main runs with
   timed_kinds = set(x for x in args.time.split(",") if x)
   print(f"shape {args.shape}: student {common.SHAPES[args.shape][0]}, teacher "
         f"{common.SHAPES[args.shape][1]}; λ=0 step, JSD(0.5), AdamW, float32, prompt "
         f"{args.prompt_len}, batch {args.batch}; headline vocab {args.vocab}, "
         f"{args.new_tokens} new tokens; jax {jax.__version__}, {os.cpu_count()} CPUs")
-  print("| kind | batch | new tokens | vocab | path | microbatches | remat | step temp MiB | "
-        "temp / plain | temp / first | step s | time / plain |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+  print("| kind | batch | new tokens | vocab | path | microbatches | remat | attention | "
+        "step temp MiB | temp / plain | temp / first | step s | time / plain |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   done, first = {}, {}
 
   def get(key, sized, timed):
@@ -124,16 +135,16 @@ def main(argv=None) -> None:
       done[key] = measure(sized, key[2], timed, microbatches=key[3])
     return done[key]
 
-  for kind, vocab, n, path, micro, remat in rows(args):
+  for kind, vocab, n, path, micro, remat, attention in rows(args):
     sized = argparse.Namespace(**{**vars(args), "vocab": vocab, "new_tokens": n,
-                                  "remat": remat})
+                                  "remat": remat, "attention": attention})
     timed = kind in timed_kinds
-    temp, seconds = get((vocab, n, path, micro, remat), sized, timed)
-    plain_temp, plain_s = get((vocab, n, "plain", 1, "none"),
-                              argparse.Namespace(**{**vars(sized), "remat": "none"}), timed)
+    temp, seconds = get((vocab, n, path, micro, remat, attention), sized, timed)
+    plain_temp, plain_s = get((vocab, n, "plain", 1, "none", "dense"), argparse.Namespace(
+        **{**vars(sized), "remat": "none", "attention": "dense"}), timed)
     first.setdefault((kind, path), temp)
     fmt = lambda x, f: "-" if x != x else f.format(x)  # NaN: not timed
-    print(f"| {kind} | {args.batch} | {n} | {vocab} | {path} | {micro} | {remat} | "
+    print(f"| {kind} | {args.batch} | {n} | {vocab} | {path} | {micro} | {remat} | {attention} | "
           f"{temp / MIB:.0f} | {temp / max(plain_temp, 1):.3f} | "
           f"{temp / max(first[kind, path], 1):.3f} | {fmt(seconds, '{:.3f}')} | "
           f"{fmt(seconds / plain_s, '{:.2f}')} |", flush=True)

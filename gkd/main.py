@@ -237,6 +237,7 @@ def run(argv: list[str], gin_flags: tuple[str, ...] = ()) -> None:
 
 def main() -> None:
   startup.quiet()  # before anything imports TensorFlow
+  startup.xla_defaults()  # before JAX starts its backend
   argv, bindings = split_gin_flags(sys.argv)
   startup.run_app(functools.partial(run, gin_flags=tuple(bindings)), argv)
 

@@ -8,6 +8,10 @@ logging then keeps FATAL only, and `import_tensorflow` drops the native lines
 written during the import (replaying them if the import fails). Library users
 who do not call `quiet()` keep TensorFlow's defaults.
 
+`xla_defaults()` adds the XLA options our command lines run with to
+`XLA_FLAGS` (an option the user's `XLA_FLAGS` already names is left as given);
+it must run before JAX initialises its backend.
+
 Whoever imports TensorFlow through `import_tensorflow` (gkd.tasks does) also
 hides the accelerators from it: tf.data runs on the host, and a TensorFlow
 that initialised the GPUs would reserve their memory, which JAX needs.
@@ -31,6 +35,22 @@ def quiet() -> None:
   _QUIET = True
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow C++: FATAL only
   os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+
+# XLA:CPU's copy insertion, by default, copies every [V, E] embedding, head and
+# optimizer buffer that a donated train step passes through a loop (the fused loss's
+# chunk scan) or a branch; region analysis proves most of those copies unneeded
+# (bench/RESULTS.md: the step's temporaries at V = 152,064 fall 1,884 -> 1,695 MiB).
+XLA_DEFAULTS = ("--xla_cpu_copy_insertion_use_region_analysis=true",)
+
+
+def xla_defaults() -> None:
+  """Appends `XLA_DEFAULTS` to XLA_FLAGS, except options XLA_FLAGS already sets."""
+  given = os.environ.get("XLA_FLAGS", "")
+  names = {f.split("=")[0] for f in given.split()}
+  extra = [f for f in XLA_DEFAULTS if f.split("=")[0] not in names]
+  if extra:
+    os.environ["XLA_FLAGS"] = " ".join([given] + extra).strip()
 
 
 @contextlib.contextmanager

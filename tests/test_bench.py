@@ -144,18 +144,20 @@ def test_scaling_table():
   rows = _run("scaling.py", "--shape", "tiny", "--vocab", "4096", "--batch", "4",
               "--prompt_len", "4", "--new_tokens", "128", "--vocabs", "1024,4096",
               "--lengths", "64", "--microbatches", "2", "--remats", "full", "--reps", "1",
-              "--chunk_elements", "65536")
+              "--chunk_elements", "65536", "--blockwise", "full")
   body = [_cells(r) for r in rows[2:]]
   assert [(r[0], r[3], r[4]) for r in body] == [
       ("headline", "4096", "fused"), ("headline", "4096", "plain"),
       ("vocab", "1024", "fused"), ("vocab", "1024", "plain"),
       ("vocab", "4096", "fused"), ("vocab", "4096", "plain"),
       ("new_tokens", "4096", "fused"), ("new_tokens", "4096", "plain"),
+      ("new_tokens_blockwise_full", "4096", "fused"),
       ("microbatches", "4096", "fused"), ("remat", "4096", "fused")]
-  temp_ratio = {(r[0], r[3], r[4]): float(r[8]) for r in body}
+  assert [r[7] for r in body] == ["dense"] * 8 + ["blockwise"] + ["dense"] * 2
+  temp_ratio = {(r[0], r[3], r[4]): float(r[9]) for r in body}
   assert temp_ratio["headline", "4096", "plain"] == 1.0
   assert temp_ratio["headline", "4096", "fused"] < 0.5  # no [B, N, V] logits (measured 0.36)
-  assert float(body[0][10]) > 0 and body[2][10] == "-"  # only the headline is timed
+  assert float(body[0][11]) > 0 and body[2][11] == "-"  # only the headline is timed
 
 
 @pytest.mark.slow

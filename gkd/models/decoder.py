@@ -43,9 +43,14 @@ class DecoderConfig:
   dtype: str = 'bfloat16'  # activations
   param_dtype: str = 'float32'
   remat: str = 'none'  # activation rematerialisation per block: layers.REMAT_POLICIES
+  # 'dense' holds the [B, H, L, S] scores; 'blockwise' runs full sequences `attention_block`
+  # keys at a time (gkd.models.blockwise: memory linear in L; decode steps stay dense).
+  attention: str = 'dense'
+  attention_block: int = 128
 
   def __post_init__(self):
     layers.check_remat(self.remat)
+    layers.check_attention(self.attention, self.attention_block)
 
   @property
   def rope_scaling(self) -> dict[str, float] | None:
@@ -66,7 +71,8 @@ class DecoderBlock(nn.Module):
     values [B, K, S, D]) or None. Returns (x, the keys and values attended to)."""
     cfg, dt = self.cfg, layers.dtypes_of(self.cfg)
     attn = layers.Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim,
-                            qkv_bias=cfg.qkv_bias, name='attn', **dt)
+                            qkv_bias=cfg.qkv_bias, impl=cfg.attention,
+                            block=cfg.attention_block, name='attn', **dt)
     h = layers.RMSNorm(cfg.norm_eps, name='attn_norm', **dt)(x)
     inv_freq = layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     q = layers.apply_rope(attn.project_q(h), positions, inv_freq)

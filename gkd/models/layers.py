@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gkd.errors import UserError
+from gkd.models import blockwise
 
 Array = jax.Array
 DType = Any
@@ -36,8 +37,7 @@ KEYS = ('activation_batch', 'activation_heads', 'activation_kv', 'activation_len
 CACHE_KEYS = ('cache_batch', 'cache_heads', 'cache_kv', 'cache_length')  # [B, K, D, S]
 CACHE_VALUES = ('cache_batch', 'cache_heads', 'cache_length', 'cache_kv')  # [B, K, S, D]
 
-# Finite, so that rows with no visible key (padding) give uniform weights, not NaN.
-_MASKED = -1e30
+_MASKED = blockwise.MASKED  # finite: a row that sees no key (padding) averages all keys
 
 
 def dtypes_of(cfg: Any) -> dict[str, DType]:
@@ -72,6 +72,20 @@ def remat(block: type, name: str) -> type:
   if name == 'none':
     return block
   return nn.remat(block, policy=REMAT_POLICIES[name])
+
+
+ATTENTION = ('dense', 'blockwise')
+
+# Config fields that choose how a model computes, not what: same parameters, same
+# outputs; a restarted run may change them.
+RUNTIME_FIELDS = ('remat', 'attention', 'attention_block')
+
+
+def check_attention(impl: Any, block: Any) -> None:
+  if impl not in ATTENTION:
+    raise UserError(f'attention={impl!r}; choose one of {", ".join(ATTENTION)}')
+  if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+    raise UserError(f'attention_block={block!r} must be a positive integer (keys per block)')
 
 
 class Dense(nn.Module):
@@ -204,6 +218,8 @@ class Attention(nn.Module):
   embed_dim: int
   qkv_bias: bool = False
   kv_axis: str = 'kv_heads'  # logical name of K ('heads' when K == H, as in T5)
+  impl: str = 'dense'  # ATTENTION: 'blockwise' for full sequences without a bias
+  block: int = 128
   dtype: DType = jnp.bfloat16
   param_dtype: DType = jnp.float32
 
@@ -229,7 +245,10 @@ class Attention(nn.Module):
                bias: Array | None = None, scale: float = 1.0) -> Array:
     """q [B, H, L, D], keys [B, K, D, S], values [B, K, S, D], mask bool[B, L, S]
     -> [B, L, E]."""
-    ctx = dot_product_attention(q, keys, values, mask, bias, scale)
+    if self.impl == 'blockwise' and bias is None and q.shape[2] > 1:
+      ctx = blockwise.attention(q, keys, values, mask, scale, self.block)
+    else:
+      ctx = dot_product_attention(q, keys, values, mask, bias, scale)
     ctx = constrain(jnp.swapaxes(ctx, 1, 2), BLHD)  # free at L = 1 (a decode step)
     return constrain(self.out(ctx), BLE)
 

@@ -37,7 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from gkd import models, partitioning, tasks
 from gkd.errors import RunStopped, UserError
-from gkd.models import registry
+from gkd.models import layers, registry
 from gkd.tasks import alignment, pipeline
 from gkd.train import checkpoints, evaluation, optimizer, rewards, step as step_lib
 from gkd.train import teachers as teachers_lib
@@ -276,9 +276,8 @@ def setup(model_dir: str, student: ModelSource, teacher: Union[None, ModelSource
   several = isinstance(teacher, Teachers)
   pick = lambda j: tuple(v[j] for v in loaded.values()) if several else (
       loaded["teacher"][j] if loaded else None)
-  # remat changes how the backward pass runs, not the model: a restart may change it.
   student_config = {k: v for k, v in registry.config_to_dict(student_model.config).items()
-                    if k != "remat"}
+                    if k not in layers.RUNTIME_FIELDS}
   described = {n: v[3].describe() for n, v in loaded.items()}
   fingerprint = dict(student=student_config, task=data["name"],
                      teacher=(described if several else described.get("teacher")))

@@ -35,6 +35,8 @@ class ModelSource:
     remat: activation rematerialisation of each block in the student's
       backward pass: 'none', 'full' or 'dots' (gkd.models.layers.REMAT_POLICIES);
       unset keeps the model config's (default 'none').
+    attention: 'dense' or 'blockwise' (decoder models: full sequences a block of
+      keys at a time, gkd.models.blockwise); unset keeps the model config's.
     vocabulary: a teacher's own tokenizer (a `seqio.Vocabulary`, e.g.
       `@teacher/tasks.get_vocabulary()`) when it differs from the student's
       (`Method.cross_tokenizer`); None: the task's.
@@ -52,6 +54,7 @@ class ModelSource:
   dtype: Optional[str] = None
   param_dtype: Optional[str] = None
   remat: Optional[str] = None
+  attention: Optional[str] = None
   vocabulary: Any = None
   input_length: Optional[int] = None
   target_length: Optional[int] = None
@@ -60,6 +63,8 @@ class ModelSource:
   def __post_init__(self):
     if self.remat is not None:
       layers.check_remat(self.remat)
+    if self.attention is not None:
+      layers.check_attention(self.attention, 1)
     given = [k for k in ("config", "checkpoint", "hf_dir") if getattr(self, k) is not None]
     if len(given) != 1:
       raise UserError(f"a ModelSource needs exactly one of config / checkpoint / hf_dir; "
@@ -78,10 +83,16 @@ class ModelSource:
   def _overrides(self) -> dict:
     return {k: v for k, v in (("dtype", self.dtype), ("param_dtype", self.param_dtype)) if v}
 
-  def _with_remat(self, model: Model) -> Model:
-    if not self.remat:  # same parameters either way; only the backward pass changes
+  def _with_runtime(self, model: Model) -> Model:
+    """The model with this source's remat / attention: same parameters, other programs."""
+    change = {k: getattr(self, k) for k in ("remat", "attention") if getattr(self, k)}
+    if not change:
       return model
-    return models.build_model(dataclasses.replace(model.config, remat=self.remat))
+    missing = [k for k in change if not hasattr(model.config, k)]
+    if missing:
+      raise UserError(f"ModelSource.{missing[0]} does not apply to a "
+                      f"{type(model.config).__name__} (decoder models only); unset it")
+    return models.build_model(dataclasses.replace(model.config, **change))
 
   def load(self, rng: jax.Array, batch: dict, mesh, rules) -> tuple[Model, Any, Any]:
     """Returns (model, params placed on the mesh, their shardings)."""
@@ -89,7 +100,7 @@ class ModelSource:
       config = self.config
       if self._overrides():
         config = dataclasses.replace(config, **self._overrides())
-      model = self._with_remat(models.build_model(config))
+      model = self._with_runtime(models.build_model(config))
       params, shardings = partitioning.init_sharded(model, rng, batch, mesh, rules)
       return model, params, shardings
     if self.checkpoint is not None:
@@ -99,4 +110,4 @@ class ModelSource:
       model, params = models.load_hf(self.hf_dir, mesh=mesh, rules=rules, **self._overrides())
     if self.param_dtype:
       params = jax.tree.map(lambda x: x.astype(jnp.dtype(self.param_dtype)), params)
-    return self._with_remat(model), params, jax.tree.map(lambda x: x.sharding, params)
+    return self._with_runtime(model), params, jax.tree.map(lambda x: x.sharding, params)

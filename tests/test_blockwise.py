@@ -1,13 +1,12 @@
 """Blockwise (flash-style) attention against the dense path: values, gradients, memory."""
 
-import dataclasses
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gkd import sampling
 from gkd.errors import UserError
 from gkd.models import DecoderConfig, T5Config, blockwise, build_model, layers
 from gkd.train.sources import ModelSource
@@ -63,11 +62,10 @@ def test_bfloat16_inputs_stay_close_to_float32():
   np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=3e-2)
 
 
-def _model(attention, remat='none', **sizes):
-  return build_model(DecoderConfig(vocab_size=61, embed_dim=16, mlp_dim=32, num_heads=4,
-                                   num_kv_heads=2, head_dim=8, dtype='float32',
-                                   attention=attention, attention_block=3, remat=remat,
-                                   **sizes))
+def _model(attention, remat='none', block=3):
+  return build_model(DecoderConfig(vocab_size=61, embed_dim=16, mlp_dim=32,
+                                   num_heads=4, num_kv_heads=2, head_dim=8, dtype='float32',
+                                   attention=attention, attention_block=block, remat=remat))
 
 
 @pytest.mark.parametrize('remat', ['none', 'full'])
@@ -81,7 +79,6 @@ def test_a_blockwise_decoder_has_the_dense_ones_logits_gradients_and_samples(rem
   g, g_b = jax.grad(loss(dense))(params), jax.grad(loss(blocks))(params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7), g, g_b)
   # Prefill runs blockwise, decode steps dense: the cache and greedy tokens are the same.
-  from gkd import sampling
   config = sampling.SampleConfig(max_new_tokens=6, greedy=True)
   run = lambda m: sampling.sample(m, params, batch, jax.random.key(0), config).tokens
   np.testing.assert_array_equal(run(blocks), run(dense))
@@ -89,8 +86,7 @@ def test_a_blockwise_decoder_has_the_dense_ones_logits_gradients_and_samples(rem
 
 def _grad_temp(attention, length):
   """XLA's temporary bytes of the compiled gradient of a 2-layer decoder at `length`."""
-  model = _model(attention, num_layers=2)
-  model = build_model(dataclasses.replace(model.config, attention_block=64))
+  model = _model(attention, block=64)
   batch = {'input_tokens': jnp.zeros((2, 8), jnp.int32), 'input_mask': jnp.ones((2, 8), jnp.int32),
            'target_tokens': jnp.zeros((2, length), jnp.int32),
            'target_mask': jnp.ones((2, length), jnp.int32)}

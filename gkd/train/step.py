@@ -322,19 +322,13 @@ def make_train_step(student: Model, teacher: Union[None, Model, Sequence[Model]]
       (loss, (logits, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
       terms = {**terms, **_token_metrics(logits, None if alignment is not None else teacher_out,
                                          mask)}
-    grad_norm = global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-    def update(params, opt_state):
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state, global_norm(updates)
-
-    # A non-finite step changes nothing; as a branch, so the update can write in place.
-    params, opt_state, update_norm = jax.lax.cond(
-        finite, update, lambda p, o: (p, o, jnp.zeros((), jnp.float32)),
-        state.params, state.opt_state)
-    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                           rng=state.rng)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                           opt_state=keep(opt_state, state.opt_state), rng=state.rng)
     maskf = mask.astype(jnp.float32)
     metrics = {
         "loss": loss, **terms, "reward": jnp.mean(reward),
@@ -343,21 +337,14 @@ def make_train_step(student: Model, teacher: Union[None, Model, Sequence[Model]]
         "eos_rate": jnp.mean(jnp.any((tokens == student.eos_id) & (mask > 0), -1)
                              .astype(jnp.float32)),
         "target_tokens": jnp.sum(maskf),
-        "grad_norm": grad_norm, "param_norm": global_norm(state.params),
-        "update_norm": update_norm, "finite": finite.astype(jnp.float32),
+        "grad_norm": grad_norm, "param_norm": optax.global_norm(state.params),
+        "update_norm": optax.global_norm(updates), "finite": finite.astype(jnp.float32),
     }
     if method.audits:
       metrics.update(_audit(method, state.step, inputs(jax.lax.stop_gradient(logits))))
     return new_state, metrics
 
   return train_step
-
-
-def global_norm(tree: Any) -> Array:
-  """optax.global_norm as one float32 dot product per leaf: XLA:CPU reads each leaf once
-  instead of materialising its square (a [V, E] temporary for an embedding)."""
-  leaves = [x.ravel() for x in jax.tree.leaves(tree)]
-  return jnp.sqrt(sum(jnp.dot(x, x, preferred_element_type=jnp.float32) for x in leaves))
 
 
 def _audit(method: Method, step: Array, x: objective_lib.Inputs) -> dict:
